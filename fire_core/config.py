@@ -1,0 +1,323 @@
+"""Typed configuration for every stage, composed by Hydra from ``conf/``.
+
+All notebooks, tests and command-line tools build their configuration the same way::
+
+    from fire_core import config
+    cfg = config.load("00_build_world", ["scale=smoke", "world.image_size=64"])
+    cfg.world.train_per_family   # a plain dataclass, validated
+
+``conf/<stage>.yaml`` is the primary config of each notebook. It pulls in ``conf/base.yaml``,
+whose defaults list picks one file per group (``paths``, ``world``, ``model``, ``train``,
+``annotator``, ``dialogue``, ``bench``) and finally a ``scale`` file that resizes everything.
+The schema below is registered in Hydra's ConfigStore, so struct mode rejects unknown keys and
+OmegaConf checks types; ``__post_init__`` checks ranges. Every failure is raised as
+:class:`ConfigError` with the full key in the message, before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+# Task families of the synthetic world (see fire_core.world). Seen families have
+# train/val/test splits; unseen families exist only as a test split, like FIRE-Bench's
+# 8 sources that were never trained on.
+SEEN_FAMILIES = ["color", "count", "spatial", "chart", "ocr", "math", "table", "choice", "caption"]
+UNSEEN_FAMILIES = ["size", "odd_color", "chart_diff", "digit_sum", "quadrant"]
+SCALES = ["smoke", "default", "paper"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. The message names the offending key."""
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config value '{key}' {msg}")
+
+
+@dataclass
+class PathsConfig:
+    results: str = "results"  # stage outputs go to <results>/<scale>/<stage>/
+
+    def __post_init__(self) -> None:
+        _check(bool(self.results), "paths.results", "must be a non-empty path")
+
+
+@dataclass
+class WorldConfig:
+    image_size: int = 96  # small enough for a tiny vision tower, large enough to read text
+    train_per_family: int = 3000  # seen families only
+    val_per_family: int = 100  # seen families only; used for model selection, never test
+    test_per_family: int = 200  # seen families
+    unseen_per_family: int = 200  # unseen families (test only)
+    seen_families: list[str] = field(default_factory=lambda: list(SEEN_FAMILIES))
+    unseen_families: list[str] = field(default_factory=lambda: list(UNSEEN_FAMILIES))
+    font_path: str | None = None  # a TrueType font; None uses Pillow's bundled font
+    num_workers: int = 2  # render processes; this machine has 2 cores
+    grid_examples: int = 4  # examples per family in the preview grid
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 1024, "world.image_size", f"must be in [16, 1024], got {self.image_size}")
+        for name in ("train_per_family", "val_per_family", "test_per_family", "unseen_per_family"):
+            value = getattr(self, name)
+            _check(value >= 1, f"world.{name}", f"must be >= 1, got {value}")
+        _check(self.num_workers >= 1, "world.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.grid_examples >= 1, "world.grid_examples", f"must be >= 1, got {self.grid_examples}")
+        for name, allowed in (("seen_families", SEEN_FAMILIES), ("unseen_families", UNSEEN_FAMILIES)):
+            values = list(getattr(self, name))
+            _check(len(values) > 0, f"world.{name}", "must name at least one family")
+            _check(len(set(values)) == len(values), f"world.{name}", f"has duplicates: {values}")
+            for v in values:
+                _check(v in allowed, f"world.{name}", f"has unknown family '{v}'{_suggest(v, allowed)}; known: {allowed}")
+        if self.font_path is not None:
+            _check(Path(self.font_path).is_file(), "world.font_path", f"names a missing file: {self.font_path}")
+
+
+@dataclass
+class ModelConfig:
+    # The base VLM. `tiny` builds a LlavaNext-class model from these sizes and trains it from
+    # scratch; `pretrained` loads `pretrained_id` (paper scale).
+    kind: str = "tiny"
+    pretrained_id: str | None = None  # e.g. llava-hf/llama3-llava-next-8b-hf (paper scale)
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    vision_hidden_size: int = 128
+    vision_layers: int = 2
+    patch_size: int = 12
+    max_length: int = 512  # tokens per training sequence, image tokens included
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("tiny", "pretrained"), "model.kind", f"must be 'tiny' or 'pretrained', got '{self.kind}'")
+        if self.kind == "pretrained":
+            _check(bool(self.pretrained_id), "model.pretrained_id", "must be set when model.kind=pretrained")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "vision_hidden_size",
+                     "vision_layers", "patch_size", "max_length"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name}", f"must be >= 1, got {value}")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+               f"must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+               f"must be float32, bfloat16 or float16, got '{self.dtype}'")
+
+
+@dataclass
+class TrainConfig:
+    # FIRE's recipe (LoRA r=64, alpha=256 on q_proj,k_proj, lr 2e-4, cosine, warmup 0.03,
+    # 1 epoch) at paper scale; the tiny models train fully from scratch with a higher lr.
+    method: str = "full"  # full | lora
+    learning_rate: float = 1e-3
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    lora_r: int = 64
+    lora_alpha: int = 256
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
+    deepspeed: str | None = None  # path to a DeepSpeed JSON under conf/deepspeed/
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("full", "lora"), "train.method", f"must be 'full' or 'lora', got '{self.method}'")
+        _check(0 < self.learning_rate < 1, "train.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.lora_r >= 1, "train.lora_r", f"must be >= 1, got {self.lora_r}")
+        _check(self.lora_alpha >= 1, "train.lora_alpha", f"must be >= 1, got {self.lora_alpha}")
+        if self.deepspeed is not None:
+            path = Path(self.deepspeed)
+            if not path.is_absolute():
+                path = REPO_ROOT / path
+            _check(path.is_file(), "train.deepspeed", f"names a missing file: {self.deepspeed}")
+
+
+@dataclass
+class AnnotatorConfig:
+    # Who writes FIRE-100K's dialogues and the DRESS feedback: `oracle` reads the scene record
+    # in-process; `openai` calls any OpenAI-compatible endpoint (key from OPENAI_API_KEY only).
+    backend: str = "oracle"
+    model: str = "oracle"
+    base_url: str | None = None
+    concurrency: int = 8
+    requests_per_minute: int = 600
+    timeout_s: float = 60.0
+    max_retries: int = 6
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("oracle", "openai"), "annotator.backend",
+               f"must be 'oracle' or 'openai', got '{self.backend}'")
+        _check(self.concurrency >= 1, "annotator.concurrency", f"must be >= 1, got {self.concurrency}")
+        _check(self.requests_per_minute >= 1, "annotator.requests_per_minute",
+               f"must be >= 1, got {self.requests_per_minute}")
+        _check(self.timeout_s > 0, "annotator.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.max_retries >= 0, "annotator.max_retries", f"must be >= 0, got {self.max_retries}")
+        _check(0 <= self.temperature <= 2, "annotator.temperature", f"must be in [0, 2], got {self.temperature}")
+        if self.base_url is not None:
+            _check(re.match(r"^https?://", self.base_url) is not None, "annotator.base_url",
+                   f"must start with http:// or https://, got '{self.base_url}'")
+
+
+@dataclass
+class DialogueConfig:
+    # FIRE's free dialogue: stop at the first score >= threshold or after max_turns.
+    score_min: int = 1
+    score_max: int = 10
+    threshold: int = 8
+    max_turns: int = 5
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.score_min < self.score_max, "dialogue.score_min",
+               f"must be below dialogue.score_max ({self.score_max}), got {self.score_min}")
+        _check(self.score_min <= self.threshold <= self.score_max, "dialogue.threshold",
+               f"must lie on the score scale [{self.score_min}, {self.score_max}], got {self.threshold}")
+        _check(self.max_turns >= 1, "dialogue.max_turns", f"must be >= 1, got {self.max_turns}")
+        _check(self.batch_size >= 1, "dialogue.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class BenchConfig:
+    n_bootstrap: int = 1000  # resamples for the 95% confidence intervals
+    ci: float = 0.95
+
+    def __post_init__(self) -> None:
+        _check(self.n_bootstrap >= 1, "bench.n_bootstrap", f"must be >= 1, got {self.n_bootstrap}")
+        _check(0 < self.ci < 1, "bench.ci", f"must be in (0, 1), got {self.ci}")
+
+
+@dataclass
+class FireConfig:
+    stage: str = "???"  # set by each notebook's primary config
+    scale: str = "default"  # set by the scale group
+    seed: int = 0  # feeds world rendering, data shuffling, set_seed and simulation RNGs
+    overrides: list[str] = field(default_factory=list)  # filled by load(); recorded in manifests
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    dialogue: DialogueConfig = field(default_factory=DialogueConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.scale in SCALES, "scale", f"must be one of {SCALES}, got '{self.scale}'")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+    def stage_dir(self, stage: str | None = None) -> Path:
+        """Where a stage (this one by default) writes: <results>/<scale>/<stage>/."""
+        root = Path(self.paths.results)
+        if not root.is_absolute():
+            root = REPO_ROOT / root
+        return root / self.scale / (stage or self.stage)
+
+
+ConfigStore.instance().store(name="fire_schema", node=FireConfig)
+
+
+def _known_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_known_keys(default, full + "."))
+    return keys
+
+
+def _explain(exc: Exception) -> str:
+    """Turn a Hydra/OmegaConf error into one line that names the key and suggests a fix."""
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    full = text + ("\n" + str(cause) if cause else "")
+    key_match = re.search(r"full_key:\s*(\S+)", full)
+    key = key_match.group(1) if key_match else None
+    if key is None:
+        m = re.search(r"Could not override '([^']+)'", full) or re.search(r"Key '([^']+)'", full)
+        key = m.group(1) if m else None
+    if re.search(r"Key '[^']+' (is )?not in", full) or "Could not append" in full:
+        return f"unknown config key '{key}'{_suggest(key or '', _known_keys(FireConfig))}"
+    if "could not be converted" in full or "Value '" in full and "of type" in full:
+        first = next((ln for ln in full.splitlines() if "Value '" in ln), full.splitlines()[0])
+        return f"wrong type for config key '{key}': {first.strip()}"
+    if "Could not find '" in full or "In '" in full and "Could not load" in full:
+        m = re.search(r"Could not (?:find|load) '([^']+)'", full)
+        name = m.group(1) if m else "?"
+        group = name.split("/")[0]
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else []
+        return f"no config '{name}'" + (f"; available for '{group}': {options}" if options else "")
+    if cause is not None and key:
+        return f"invalid value for config key '{key}': {str(cause).strip().splitlines()[0]}"
+    return full.strip().splitlines()[0] if full.strip() else type(exc).__name__
+
+
+def _reject_extra_keys(node: Any, schema: type, prefix: str) -> None:
+    # Hydra lets `+key=value` add keys even in struct mode; the schema is the only truth.
+    allowed = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in allowed:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(full, _known_keys(FireConfig))}")
+        default = allowed[key].default_factory() if callable(allowed[key].default_factory) else None  # type: ignore[misc]
+        if is_dataclass(default):
+            _reject_extra_keys(node[key], type(default), full + ".")
+
+
+def load(config_name: str, overrides: list[str] | None = None) -> FireConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides and return the validated config.
+
+    Raises :class:`ConfigError` naming the key for unknown keys, wrong types, out-of-range
+    values and missing files.
+    """
+    overrides = list(overrides or [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides must be a list of strings like 'world.image_size=64', got {overrides!r}")
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        options = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"no primary config '{config_name}' in {CONF_DIR}; available: {options}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="fire"):
+            dcfg = compose(config_name=config_name, overrides=overrides)
+        _reject_extra_keys(dcfg, FireConfig, "")
+        dcfg.overrides = overrides
+        cfg = OmegaConf.to_object(dcfg)
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as exc:
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, ConfigError):
+            raise ConfigError(str(inner)) from None
+        raise ConfigError(_explain(exc)) from None
+    assert isinstance(cfg, FireConfig)
+    return cfg
+
+
+def to_dict(cfg: FireConfig) -> dict:
+    """The resolved config as plain data (for manifests)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
