@@ -103,7 +103,7 @@ class ModelConfig:
     num_heads: int = 4
     vision_hidden_size: int = 128
     vision_layers: int = 2
-    patch_size: int = 12
+    patch_size: int = 16
     max_length: int = 512  # tokens per training sequence, image tokens included
     dtype: str = "float32"
 
@@ -138,6 +138,11 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
     deepspeed: str | None = None  # path to a DeepSpeed JSON under conf/deepspeed/
     bf16: bool = False
+    max_per_family: int = 0  # training records per family (0: all of the train split)
+    followup_prob: float = 0.3  # base VLM: share of chats that get follow-up questions
+    eval_per_family: int = 100  # held-out samples per family for accuracy reports
+    max_new_tokens: int = 64  # generation budget per answer
+    num_threads: int = 2  # torch threads; 2 = this machine's cores
 
     def __post_init__(self) -> None:
         _check(self.method in ("full", "lora"), "train.method", f"must be 'full' or 'lora', got '{self.method}'")
@@ -149,6 +154,11 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.lora_r >= 1, "train.lora_r", f"must be >= 1, got {self.lora_r}")
         _check(self.lora_alpha >= 1, "train.lora_alpha", f"must be >= 1, got {self.lora_alpha}")
+        _check(self.max_per_family >= 0, "train.max_per_family", f"must be >= 0, got {self.max_per_family}")
+        _check(0 <= self.followup_prob <= 1, "train.followup_prob", f"must be in [0, 1], got {self.followup_prob}")
+        _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
+        _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")
         if self.deepspeed is not None:
             path = Path(self.deepspeed)
             if not path.is_absolute():

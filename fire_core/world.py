@@ -634,6 +634,40 @@ FAMILIES: dict[str, Callable[[random.Random, int, str | None], Result]] = {
 }
 
 
+def follow_up(scene: dict[str, Any], rng: random.Random) -> tuple[str, str]:
+    """An ordinary follow-up question about the same image, answered from the scene record
+    (LLaVA-style multi-turn instruction data for the base model; never feedback)."""
+    kind = scene["kind"]
+    if kind == "shapes":
+        objs = scene["objects"]
+        o = rng.choice(objs)
+        options = [
+            ("How many shapes are there in total?", f"There are {len(objs)} shapes. The answer is {len(objs)}."),
+            (f"Where is the {_name(o)}?", f"The {_name(o)} is {_where(o['region'])}. The answer is {o['region']}."),
+        ]
+        if sum(x["shape"] == o["shape"] for x in objs) == 1:
+            options.append((f"And what color is the {o['shape']}?", f"The {o['shape']} is {o['color']}. The answer is {o['color']}."))
+        return rng.choice(options)
+    if kind == "text":
+        t = scene["text"]
+        return rng.choice([
+            ("What color is the text?", f"The text is written in {t['color']}. The answer is {t['color']}."),
+            ("Where is the text in the image?", f"The text is {_where(t['region'])}. The answer is {t['region']}."),
+        ])
+    if kind == "chart":
+        bars = scene["chart"]["bars"]
+        b = rng.choice(bars)
+        return rng.choice([
+            ("How many bars does the chart have?", f"The chart has {len(bars)} bars. The answer is {len(bars)}."),
+            (f"And what is the value of {b['label']}?", f"The {b['label']} bar reaches {b['value']}. The answer is {b['value']}."),
+        ])
+    t = scene["table"]
+    i, j = rng.randrange(len(t["rows"])), rng.randrange(len(t["cols"]))
+    v = t["cells"][i][j]
+    return (f"What about row {t['rows'][i]}, column {t['cols'][j]}?",
+            f"Row {t['rows'][i]}, column {t['cols'][j]} holds {v}. The answer is {v}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Dense annotation (what the annotator reads besides the image)
 

@@ -1,0 +1,229 @@
+"""Tokenizer, processor and VLMs: the tiny LLaVA-NeXT stand-in and the paper's LLaVA-NeXT-8B.
+
+Both go through the same transformers classes (``LlavaNextForConditionalGeneration`` and
+``LlavaNextProcessor``), so the training and generation code never asks which one it has::
+
+    tok = models.train_tokenizer(texts, vocab_size=2048)
+    proc = models.build_processor(tok, cfg.model, image_size=96)
+    model = models.build_model(cfg.model, proc)              # tiny: from a config, random init
+    proc.save_pretrained(d); model.save_pretrained(d)        # AutoProcessor / AutoModel... reload
+    texts = models.generate(model, proc, [messages, ...], [image, ...], max_new_tokens=48)
+
+The tiny model: a SigLIP-style vision tower (patch 16 on 96x96 images), LLaVA-NeXT's projector
+and anyres layout (one 96x96 tile plus the base image: 78 image tokens), and a Llama decoder.
+LlavaNext always adds at least one anyres tile, so the image is seen twice; we keep the
+paper's class rather than switch to plain LLaVA for the saving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fire_core.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BOS, EOS, PAD, UNK, IMAGE = "<s>", "<|end|>", "<pad>", "<unk>", "<image>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE, *ROLE_TOKENS]
+
+# One message: <|role|>\n content <|end|>\n ; an image part is <image>\n before the text.
+# HF renders Jinja with trim_blocks, so newlines are written as {{ '\n' }}.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>' }}{{ '\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>' }}{{ '\n' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>' }}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{{ '\n' }}{% endif %}"
+)
+
+
+def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template in Python: the text, and the character spans of trainable assistant
+    content (plus its closing <|end|>, so the model learns to stop). Tests check it equals the
+    Jinja template."""
+    out = [BOS]
+    spans: list[tuple[int, int]] = []
+    pos = len(BOS)
+    for m in messages:
+        head = f"<|{m['role']}|>\n"
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "".join(f"{IMAGE}\n" if c["type"] == "image" else c.get("text", "") for c in content)
+        body = content + EOS
+        start = pos + len(head)
+        out += [head, body, "\n"]
+        if m.get("train") and m["role"] == "assistant":
+            spans.append((start, start + len(body)))
+        pos += len(head) + len(body) + 1
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out), spans
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE trained on the world's text: never an unknown character, few tokens per
+    word. Wrapped as a PreTrainedTokenizerFast with the chat template and an image token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # the template writes <s> itself
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE}, additional_special_tokens=ROLE_TOKENS,
+        chat_template=CHAT_TEMPLATE, padding_side="right", model_max_length=4096,
+    )
+
+
+def build_processor(tokenizer, mcfg: ModelConfig, image_size: int):
+    """LlavaNextProcessor from arguments (no download): the PIL image processor (no torchvision
+    here), one anyres tile equal to the image, SigLIP-style features (no CLS token)."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    if image_size % mcfg.patch_size:
+        raise ValueError(f"model.patch_size={mcfg.patch_size} must divide world.image_size={image_size}")
+    improc = LlavaNextImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=False, image_grid_pinpoints=[[image_size, image_size]],
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaNextProcessor(image_processor=improc, tokenizer=tokenizer, patch_size=mcfg.patch_size,
+                              vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                              chat_template=CHAT_TEMPLATE, image_token=IMAGE)
+
+
+def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
+    """A tiny LlavaNextForConditionalGeneration from sizes in ``mcfg`` (random init), or the
+    pretrained model named by ``mcfg.pretrained_id``."""
+    from transformers import (
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    tok = processor.tokenizer
+    if mcfg.kind == "pretrained":
+        return LlavaNextForConditionalGeneration.from_pretrained(mcfg.pretrained_id, dtype=getattr(torch, mcfg.dtype))
+    image_size = image_size or processor.image_processor.size["height"]
+    vision = SiglipVisionConfig(
+        hidden_size=mcfg.vision_hidden_size, intermediate_size=4 * mcfg.vision_hidden_size,
+        num_hidden_layers=mcfg.vision_layers, num_attention_heads=max(1, mcfg.vision_hidden_size // 32),
+        image_size=image_size, patch_size=mcfg.patch_size, num_channels=3,
+        vision_use_head=False,  # LLaVA never uses SigLIP's pooling head
+    )
+    text = LlamaConfig(
+        vocab_size=max(mcfg.vocab_size, len(tok)), hidden_size=mcfg.hidden_size,
+        intermediate_size=4 * mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
+        num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_heads,
+        max_position_embeddings=max(mcfg.max_length, 512), pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+        image_grid_pinpoints=[[image_size, image_size]], vision_feature_select_strategy="full",
+        vision_feature_layer=-1,  # the default -2 would skip (and never train) the last layer
+        tie_word_embeddings=True,  # input and output embeddings shared: a third fewer LM weights
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    return model
+
+
+def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = None):
+    """A saved model (full, or a LoRA adapter on the base it names) and its processor."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved model at {path}")
+    processor = AutoProcessor.from_pretrained(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if not base:
+            raise ValueError(f"the adapter in {path} does not name its base model; train LoRA on a "
+                             "model loaded from a directory so that the base path is recorded")
+        model = PeftModel.from_pretrained(LlavaNextForConditionalGeneration.from_pretrained(base, dtype=dtype),
+                                          path, is_trainable=trainable)
+    else:
+        model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return model, processor
+
+
+def num_image_tokens(processor, image_size: int) -> int:
+    """Image tokens that one <image> expands to, computed by the processor itself."""
+    img = Image.new("RGB", (image_size, image_size))
+    enc = processor(text=[IMAGE], images=[img], return_tensors="pt")
+    return int((enc["input_ids"] == processor.tokenizer.image_token_id).sum())
+
+
+def param_count(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    return {"total": total, "vision": vision, "language_and_projector": total - vision}
+
+
+@torch.no_grad()
+def generate(model, processor, conversations: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image],
+             max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int | None = None, batch_size: int = 32) -> list[str]:
+    """Batched generation: left padding, KV cache, greedy or sampling, stop at <|end|>.
+
+    Greedy results do not depend on the batch size (tested); sampling is reproducible under
+    ``seed``. Returns the decoded new text of each conversation.
+    """
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
+    tok = processor.tokenizer
+    was_training = model.training
+    model.eval()
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out: list[str] = []
+    gen = None
+    try:
+        if seed is not None:
+            gen = torch.Generator().manual_seed(seed)
+        for start in range(0, len(conversations), batch_size):
+            convs = conversations[start:start + batch_size]
+            texts = [render_chat(c, add_generation_prompt=True)[0] for c in convs]
+            enc = processor(text=texts, images=[im.convert("RGB") for im in images[start:start + batch_size]],
+                            return_tensors="pt", padding=True)
+            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                          use_cache=True)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                # one seed per batch, derived from the run seed: reproducible whatever ran before
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if gen else 0)
+            ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+            out += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = old_side
+        model.train(was_training)
+    return out

@@ -1,0 +1,159 @@
+"""Chat roles of FIRE and DRESS: who says what, in which order, and where the loss goes.
+
+A conversation is a list of messages ``{"role", "content", "train"}``; ``content`` is a string
+or a list of parts (``{"type": "image"}``, ``{"type": "text", "text": ...}``); ``train`` marks
+the assistant turns whose tokens carry the loss::
+
+    msgs = prompts.student_messages("How many stars?", [Turn("I see 2. The answer is 2.", 3, "Count again.")])
+    msgs = prompts.teacher_messages("How many stars?", "3", turns)
+    prompts.parse_teacher("Score: 7\\nFeedback: Look at the left edge.")   # TeacherOutput(7, "Look ...")
+
+- **base** (stage 01): a user asks about the image, the assistant answers; follow-up questions
+  about the same image make ordinary multi-turn chats. Never feedback.
+- **student** (FIRE): the student answers; each later user turn carries the teacher's feedback;
+  the loss is on the student's responses. The student never sees the ground truth.
+- **teacher** (FIRE): the teacher sees the question, the ground truth and the student's response,
+  and replies ``Score: N`` (1-10) then ``Feedback: ...`` that says what is wrong and how to look
+  again without stating the answer; the loss is on the teacher's replies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+STUDENT_SYSTEM = ("You are a student. Answer the question about the image. If a teacher gives you "
+                  "feedback, use it to improve your answer.")
+TEACHER_SYSTEM = ("You are a teacher. You see the question, the correct answer and a student's "
+                  "response. Reply with a line 'Score: N' (N from 1 to 10) and a line 'Feedback: ...' "
+                  "that says what is wrong and how to improve, without stating the correct answer.")
+BASE_SYSTEM = "You are a helpful assistant. Answer the question about the image."
+
+
+# Sentences in the style of the feedback to come (stage 02), so the tokenizer trained in stage 01
+# gives their words single tokens. Byte-level BPE encodes any other text too, only longer.
+FEEDBACK_HINTS = [
+    "Score: 1\nFeedback: Your answer is incorrect. Look again at the image more carefully.",
+    "Score: 10\nFeedback: Correct. Your answer is right and well explained.",
+    "Score: 5\nFeedback: Close, but not quite. Check the value of the bar against the grid lines.",
+    "Score: 3\nFeedback: You missed some of the shapes. Count each object again, one by one.",
+    "Score: 4\nFeedback: Check the color of the object again. Look at the shape on the left side.",
+    "Score: 2\nFeedback: Read the text again letter by letter. The first digit is wrong.",
+    "Score: 6\nFeedback: Almost there. Compare the positions of the two objects again.",
+    "Score: 7\nFeedback: Nearly right, but recheck the row and the column of the table.",
+    "Critique: the answer is wrong. Rating: bad mediocre good excellent",
+    "Refinement: focus on the top right region and recompute the result.",
+]
+
+
+@dataclass
+class Turn:
+    """One student response and the teacher's reply to it (DRESS adds critique and refinement)."""
+
+    response: str
+    score: int | None = None
+    feedback: str | None = None
+
+
+@dataclass
+class TeacherOutput:
+    score: int | None  # None when no score on the scale could be read: "failed to follow"
+    feedback: str
+    parsable: bool
+
+
+def _user_image(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}], "train": False}
+
+
+def _msg(role: str, text: str, train: bool = False) -> dict[str, Any]:
+    return {"role": role, "content": text, "train": train}
+
+
+def base_messages(qa: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """A plain (multi-turn) QA chat about one image: [(question, answer), (follow-up, answer)...]."""
+    msgs = [_msg("system", BASE_SYSTEM)]
+    for k, (q, a) in enumerate(qa):
+        msgs.append(_user_image(q) if k == 0 else _msg("user", q))
+        msgs.append(_msg("assistant", a, train=True))
+    return msgs
+
+
+def feedback_text(turn: Turn) -> str:
+    """What the student is told after a turn (the teacher's feedback without the score line)."""
+    return f"Feedback: {turn.feedback or ''}".strip()
+
+
+def student_messages(question: str, turns: list[Turn], train: bool = True) -> list[dict[str, Any]]:
+    """The student's view. With n turns it holds n responses; the feedback after the last one is
+    omitted (nothing follows it). To prompt turn n+1, pass n turns and append
+    ``student_followup(turns[-1])`` yourself, or use :func:`student_prompt`."""
+    msgs = [_msg("system", STUDENT_SYSTEM), _user_image(question)]
+    for k, t in enumerate(turns):
+        if k > 0:
+            msgs.append(_msg("user", feedback_text(turns[k - 1])))
+        msgs.append(_msg("assistant", t.response, train=train))
+    return msgs
+
+
+def student_prompt(question: str, history: list[Turn]) -> list[dict[str, Any]]:
+    """Messages that ask the student for its next response, given earlier turns with feedback."""
+    msgs = student_messages(question, history, train=False)
+    if history:
+        msgs.append(_msg("user", feedback_text(history[-1])))
+    return msgs
+
+
+def teacher_reply(turn: Turn) -> str:
+    return f"Score: {turn.score}\nFeedback: {turn.feedback or ''}".rstrip()
+
+
+def _teacher_first(question: str, answer: str, response: str) -> str:
+    return f"Question: {question}\nCorrect answer: {answer}\nStudent response: {response}"
+
+
+def teacher_messages(question: str, answer: str, turns: list[Turn], train: bool = True) -> list[dict[str, Any]]:
+    """The teacher's view: each user turn is a student response, each assistant turn a reply."""
+    msgs = [_msg("system", TEACHER_SYSTEM)]
+    for k, t in enumerate(turns):
+        if k == 0:
+            msgs.append(_user_image(_teacher_first(question, answer, t.response)))
+        else:
+            msgs.append(_msg("user", f"Student response: {t.response}"))
+        msgs.append(_msg("assistant", teacher_reply(t), train=train))
+    return msgs
+
+
+def teacher_prompt(question: str, answer: str, history: list[Turn], response: str) -> list[dict[str, Any]]:
+    """Messages that ask the teacher to judge ``response``, given earlier judged turns."""
+    msgs = teacher_messages(question, answer, history, train=False)
+    if history:
+        msgs.append(_msg("user", f"Student response: {response}"))
+    else:
+        msgs.append(_user_image(_teacher_first(question, answer, response)))
+    return msgs
+
+
+_SCORE_RE = re.compile(r"score\s*[:=\-]?\s*(\d+(?:\.\d+)?)\s*(?:/\s*10|out of 10)?", re.IGNORECASE)
+_FEEDBACK_RE = re.compile(r"feedback\s*[:=\-]\s*(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_teacher(text: str, score_min: int = 1, score_max: int = 10) -> TeacherOutput:
+    """Read ``Score: N`` and ``Feedback: ...`` from a teacher's reply. Tolerates case, spacing,
+    '7/10', '7.0'; a missing or off-scale score gives ``parsable=False`` (never raises)."""
+    if not isinstance(text, str):
+        return TeacherOutput(None, "", False)
+    m = _SCORE_RE.search(text)
+    score: int | None = None
+    if m:
+        value = float(m.group(1))
+        if value.is_integer() and score_min <= value <= score_max:
+            score = int(value)
+    fb = _FEEDBACK_RE.search(text)
+    if fb:
+        feedback = fb.group(1).strip()
+    else:  # no Feedback: label: whatever follows the score line
+        rest = text[m.end():] if m else text
+        feedback = rest.strip(" \n:-")
+    return TeacherOutput(score, feedback, score is not None)

@@ -1,0 +1,387 @@
+"""Supervised fine-tuning for every training stage (base VLM, teacher, student, FIRE student).
+
+Records become chats (``fire_core.prompts``), chats become token ids with labels masked to the
+chosen role, and the Hugging Face ``Trainer`` trains a full model or a LoRA adapter on the
+language model only, optionally under DeepSpeed ZeRO-2/3::
+
+    examples = [train.Example(prompts.student_messages(q, turns), image) for ...]
+    ds = train.SFTDataset(examples, processor, max_length=512)
+    result = train.fit(model, processor, ds, cfg.train, out_dir, seed=cfg.seed)
+    result.losses          # [(step, loss), ...]: it goes down
+
+A rerun with the same ``out_dir`` resumes from the last checkpoint and ends with the same
+weights as an uninterrupted run (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fire_core.config import TrainConfig
+from fire_core.models import num_image_tokens, render_chat
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One training chat. ``image`` is a PIL image or a zero-argument loader (saves memory)."""
+
+    messages: list[dict[str, Any]]
+    image: Image.Image | Callable[[], Image.Image]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(messages: Sequence[dict[str, Any]], tokenizer, n_image: int, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels for one chat. Labels keep only the trainable assistant turns (and
+    their closing <|end|>); everything else, image tokens included, is -100.
+
+    Too long: cut after the last complete trainable turn that fits; else cut at ``max_length``.
+    The image tokens are never cut: if they do not fit, this raises.
+    """
+    text, spans = render_chat(messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [tid if any(a <= s < b for a, b in spans) else IGNORE for tid, (s, _) in zip(ids, offsets, strict=True)]
+    image_id = tokenizer.image_token_id
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for tid, lab in zip(ids, labels, strict=True):
+        if tid == image_id:
+            out_ids += [image_id] * n_image
+            out_labels += [IGNORE] * n_image
+        else:
+            out_ids.append(tid)
+            out_labels.append(lab)
+    if len(out_ids) > max_length:
+        last_image = max((i for i, t in enumerate(out_ids) if t == image_id), default=-1)
+        if last_image >= max_length - 1:
+            raise ValueError(f"model.max_length={max_length} is too short: the image alone needs "
+                             f"{last_image + 2} tokens; raise model.max_length")
+        eos = tokenizer.eos_token_id
+        ends = [i + 1 for i in range(last_image + 1, max_length) if out_ids[i] == eos and out_labels[i] != IGNORE]
+        cut = ends[-1] if ends else max_length
+        out_ids, out_labels = out_ids[:cut], out_labels[:cut]
+    return {"input_ids": out_ids, "labels": out_labels}
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Pre-tokenised chats; images are decoded when a batch is built."""
+
+    def __init__(self, examples: Sequence[Example], processor, max_length: int):
+        self.examples = list(examples)
+        self.processor = processor
+        size = processor.image_processor.size["height"]
+        self.n_image = num_image_tokens(processor, size)
+        self.encoded = [encode(e.messages, processor.tokenizer, self.n_image, max_length) for e in self.examples]
+        self.n_trainable_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE) for e in self.encoded)
+        self.n_tokens = sum(len(e["input_ids"]) for e in self.encoded)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = self.examples[i].image
+        img = img() if callable(img) else img
+        return {**self.encoded[i], "image": img}
+
+
+@dataclass
+class Collator:
+    """Right-pads ids and labels and turns images into LLaVA-NeXT pixel values."""
+
+    processor: Any
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pad = self.processor.tokenizer.pad_token_id
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for k, b in enumerate(batch):
+            m = len(b["input_ids"])
+            ids[k, :m] = torch.tensor(b["input_ids"])
+            labels[k, :m] = torch.tensor(b["labels"])
+            mask[k, :m] = 1
+        pix = self.processor.image_processor([b["image"].convert("RGB") for b in batch], return_tensors="pt")
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
+
+
+def lora_target_regex(targets: Sequence[str]) -> str:
+    """LoRA on the language model only. A plain ['q_proj', 'k_proj'] list would also adapt the
+    vision tower's attention, whose modules have the same names."""
+    return rf".*language_model\..*\.({'|'.join(re.escape(t) for t in targets)})$"
+
+
+def apply_lora(model, tcfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=0.05,
+                      target_modules=lora_target_regex(tcfg.lora_targets), bias="none")
+    return get_peft_model(model, lcfg)
+
+
+def prepare_cpu_deepspeed() -> None:
+    """DeepSpeed on a CPU, in one process, with nothing compiled. No-op on a GPU machine.
+
+    DeepSpeed wants a process group even for one process, so describe a world of one (gloo).
+    On CPU it also JIT-compiles a shared-memory op (g++ and ninja, about a minute) at every
+    start; with one rank plain gloo is all it needs, so that build is skipped.
+    """
+    if torch.cuda.is_available():
+        return
+    import importlib
+    import warnings
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    # `import deepspeed.comm.torch` would give the real torch package (an attribute shadows it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*")
+
+
+@dataclass
+class FitResult:
+    model: Any
+    losses: list[tuple[int, float]]
+    steps: int
+    seconds: float
+    tokens: int
+    trainable_tokens: int
+    resumed_from: str | None
+    trainable_params: int
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    if not ckpt_dir.is_dir():
+        return None
+    cks = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(cks, key=lambda p: int(p.name.split("-")[1]))) if cks else None
+
+
+def _trainer_class():
+    from transformers import PreTrainedModel, Trainer
+
+    class FireTrainer(Trainer):
+        """The HF Trainer, with a resume that really restores the weights.
+
+        transformers 5.x saves LLaVA-NeXT checkpoints with the legacy key names
+        (``language_model.model.*``) but its resume path loads them into the new layout
+        (``model.language_model.*``) with strict=False: every key misses, only a warning is
+        logged, and the "resumed" run silently restarts from random weights. Loading through
+        ``from_pretrained`` applies the key mapping; the copy is strict.
+        """
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            model = model if model is not None else self.model
+            weights = Path(resume_from_checkpoint) / "model.safetensors"
+            if self.is_deepspeed_enabled or not isinstance(model, PreTrainedModel) or not weights.is_file():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(saved.state_dict(), strict=True)
+            log.info("restored weights from %s", resume_from_checkpoint)
+
+    return FireTrainer
+
+
+def reset_deepspeed_state() -> None:
+    """Forget process-global DeepSpeed settings after a DeepSpeed run, so that later loads and
+    plain Trainers in the same process (a notebook kernel) are not silently partitioned."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    except (ImportError, AttributeError):  # pragma: no cover - older/newer accelerate
+        pass
+
+
+def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path, seed: int,
+        max_steps: int = -1, save_steps: int | None = None, resume: bool = True,
+        logging_steps: int | None = None, save_dir: Path | None = None,
+        callbacks: Sequence[Any] = ()) -> FitResult:
+    """Train with the HF Trainer; checkpoints go to ``out_dir/checkpoints`` (resumable).
+
+    With ``save_dir`` the final model (a LoRA adapter for method=lora) and the processor are
+    saved there through the Trainer, which gathers ZeRO-3 partitions. After a DeepSpeed run the
+    returned model is reloaded from ``save_dir`` as a plain fp32 model.
+    """
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(seed)
+    if tcfg.method == "lora" and not hasattr(model, "peft_config"):
+        model = apply_lora(model, tcfg)
+    if tcfg.deepspeed:
+        prepare_cpu_deepspeed()
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * tcfg.grad_accum))
+    total = max_steps if max_steps > 0 else int(steps_per_epoch * tcfg.epochs)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum, learning_rate=tcfg.learning_rate,
+        num_train_epochs=tcfg.epochs, max_steps=max_steps, warmup_steps=tcfg.warmup_ratio,
+        lr_scheduler_type=tcfg.lr_scheduler, weight_decay=tcfg.weight_decay, max_grad_norm=1.0,
+        logging_steps=logging_steps or max(1, total // 50), logging_first_step=True,
+        save_strategy="steps", save_steps=save_steps or max(1, total // 4), save_total_limit=1,
+        seed=seed, data_seed=seed, use_cpu=True, bf16=tcfg.bf16, report_to="none",
+        remove_unused_columns=False, dataloader_num_workers=0, deepspeed=tcfg.deepspeed,
+        optim="adamw_torch", disable_tqdm=False,
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor),
+                                callbacks=list(callbacks))
+    resume_from = last_checkpoint(ckpt_dir) if resume else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.time() - t0
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    final = trainer.model
+    if save_dir is not None:
+        trainer.save_model(str(save_dir))
+        processor.save_pretrained(save_dir)
+    if tcfg.deepspeed:
+        reset_deepspeed_state()
+        if save_dir is None:
+            raise ValueError("a DeepSpeed run needs save_dir: its in-memory model is partitioned")
+        from fire_core import models
+
+        final, _ = models.load(save_dir, dtype=torch.float32)
+    return FitResult(model=final, losses=losses, steps=trainer.state.global_step, seconds=seconds,
+                     tokens=dataset.n_tokens, trainable_tokens=dataset.n_trainable_tokens,
+                     resumed_from=resume_from, trainable_params=trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 01: the base VLM
+
+
+@dataclass
+class BaseResult:
+    dir: Path
+    model_dir: Path
+    accuracy: Any  # pandas DataFrame: split, family, n, accuracy
+    predictions: list[dict[str, Any]]
+    fit: FitResult
+    params: dict[str, int]
+
+
+def tokenizer_corpus(ds) -> list[str]:
+    """Text the tokenizer learns from: every train question and response, the role prompts,
+    and the words feedback will use (byte-level BPE still encodes anything else)."""
+    from fire_core import prompts
+
+    texts = [f"{q}\n{r}" for q, r in zip(ds["question"], ds["response"], strict=True)]
+    texts += [prompts.STUDENT_SYSTEM, prompts.TEACHER_SYSTEM, prompts.BASE_SYSTEM, *prompts.FEEDBACK_HINTS]
+    return texts
+
+
+def base_examples(rows, cfg, rng) -> list[Example]:
+    """Single-turn QA chats, some with follow-up questions about the same image."""
+    import json
+
+    from fire_core import prompts, world
+
+    out = []
+    for r in rows:
+        qa = [(r["question"], r["response"])]
+        if rng.random() < cfg.train.followup_prob:
+            scene = json.loads(r["scene"])
+            for _ in range(rng.randint(1, 2)):
+                qa.append(world.follow_up(scene, rng))
+        out.append(Example(prompts.base_messages(qa), r["image"], {"id": r["id"], "family": r["family"]}))
+    return out
+
+
+def select_per_family(ds, families: Sequence[str], n: int, seed: int) -> list[int]:
+    """Up to n row indices per family (all if n == 0), in a seeded order."""
+    import random
+
+    rng = random.Random(seed)
+    by_fam: dict[str, list[int]] = {}
+    for i, f in enumerate(ds["family"]):
+        by_fam.setdefault(f, []).append(i)
+    picked: list[int] = []
+    for f in families:
+        idx = by_fam.get(f, [])
+        picked += idx if n == 0 else rng.sample(idx, min(n, len(idx)))
+    rng.shuffle(picked)
+    return picked
+
+
+def train_base_vlm(cfg) -> BaseResult:
+    """Stage 01: tokenizer, processor and base VLM from the world's train split; accuracy per
+    family on val, test and the unseen families; a loss curve."""
+    import json
+    import random
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from fire_core import eval as evaluate
+    from fire_core import models, plots, provenance, world
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    ds = world.load(cfg)
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset"]) as run:
+        rng = random.Random(cfg.seed)
+        train_rows = ds["train"].select(select_per_family(ds["train"], cfg.world.seen_families,
+                                                          cfg.train.max_per_family, cfg.seed))
+        tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
+        processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
+        model = models.build_model(cfg.model, processor)
+        examples = base_examples(train_rows, cfg, rng)
+        dataset = SFTDataset(examples, processor, cfg.model.max_length)
+        log.info("base VLM: %d chats, %d tokens, %s params", len(dataset), dataset.n_tokens, models.param_count(model))
+        model_dir = run.dir / "model"
+        result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=model_dir)
+
+        eval_rows = []
+        for split, fams in (("val", cfg.world.seen_families), ("test", cfg.world.seen_families),
+                            ("unseen", cfg.world.unseen_families)):
+            idx = select_per_family(ds[split], fams, cfg.train.eval_per_family, cfg.seed)
+            eval_rows += list(ds[split].select(sorted(idx)))
+        preds = evaluate.qa_predictions(result.model, processor, eval_rows, cfg.train.max_new_tokens,
+                                        batch_size=cfg.dialogue.batch_size)
+        acc = evaluate.accuracy_table(preds)
+        acc.to_csv(run.dir / "accuracy.csv", index=False, float_format="%.4f")
+        with open(run.dir / "predictions.jsonl", "w") as fh:
+            for p in preds:
+                fh.write(json.dumps(p) + "\n")
+        pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(run.dir / "loss.csv", index=False)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        steps, losses = zip(*result.losses, strict=True)
+        ax.plot(steps, losses)
+        ax.set(xlabel="step", ylabel="training loss", title="Base VLM")
+        plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
+        params = models.param_count(result.model)
+        overall = acc[acc.family == "all"].set_index("split")["accuracy"].to_dict()
+        run.extra.update({"params": params, "train_seconds": round(result.seconds, 1), "steps": result.steps,
+                          "tokens_per_epoch": result.tokens, "examples": len(dataset),
+                          "tokens_per_s": round(result.tokens * cfg.train.epochs / max(result.seconds, 1e-9), 1),
+                          "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
+                          "accuracy": overall, "resumed_from": result.resumed_from})
+    return BaseResult(dir=run.dir, model_dir=model_dir, accuracy=acc, predictions=preds, fit=result, params=params)
