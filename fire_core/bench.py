@@ -3,8 +3,12 @@
     python -m fire_core.bench            # every benchmark
     python -m fire_core.bench world      # one
 
-``world``: time to render the default-scale world (stage 00) on this machine, samples per
-second, and per-family render cost. Later stages add their own benchmarks here.
+``world``: time to render the default-scale world (stage 00), samples per second, and
+per-family render cost.
+``train``: training throughput of the default-scale base VLM on real world chats (fp32 and
+bf16 autocast), the measured fp32/bf16 GEMM peak of this machine, and MFU (model FLOPs per
+second of training over the fp32 GEMM peak).
+``generate``: new tokens per second of batched generation at batch 1 and batch 32.
 """
 
 from __future__ import annotations
@@ -43,7 +47,128 @@ def bench_world() -> dict:
             "cpus": os.cpu_count(), "machine": platform.machine(), "peak_rss_mb": round(provenance.peak_rss_mb(), 1)}
 
 
-BENCHMARKS = {"world": bench_world}
+def gemm_peak_gflops(dtype, n: int = 1024, reps: int = 20) -> float:
+    """Best sustained GFLOP/s of a square matmul on this machine (the roofline for MFU)."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best = 0.0
+    for size in (n, 2 * n):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        best = max(best, 2 * size**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per sequence token: 6 per weight of every matmul a token passes through
+    (forward 2, backward 4), plus causal attention scores; the vision tower's cost per image is
+    spread over the sequence."""
+    cfg = model.config
+    tc, vc = cfg.text_config, cfg.vision_config
+    lm = 0
+    for n, p in model.named_parameters():
+        if p.dim() == 2 and "language_model" in n and "embed_tokens" not in n:
+            lm += p.numel()
+    lm += tc.vocab_size * tc.hidden_size  # the (tied) output projection
+    attn = 6 * 2 * tc.num_hidden_layers * seq_len * tc.hidden_size  # QK^T and AV, fwd+bwd, per token
+    vis_params = sum(p.numel() for n, p in model.named_parameters()
+                     if p.dim() == 2 and ("vision_tower" in n or "multi_modal_projector" in n))
+    patches = 2 * (vc.image_size // vc.patch_size) ** 2  # base image + one anyres tile
+    vision_per_image = 6 * vis_params * patches
+    return 6 * lm + attn + vision_per_image / seq_len
+
+
+def _base_chats(cfg, n: int):
+    from fire_core import prompts, train
+
+    samples = [world.make_sample(f, "train", i, cfg.seed, cfg.world.image_size)
+               for i in range(n) for f in cfg.world.seen_families][:n]
+    return samples, [train.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples]
+
+
+def _default_kit():
+    from fire_core import models
+
+    cfg = config.load("01_train_base_vlm", ["scale=default"])
+    samples, examples = _base_chats(cfg, 512)
+    tok = models.train_tokenizer([s.question + "\n" + s.response for s in samples], cfg.model.vocab_size)
+    proc = models.build_processor(tok, cfg.model, cfg.world.image_size)
+    return cfg, samples, examples, proc
+
+
+def bench_train(steps: int = 12) -> dict:
+    import torch
+
+    from fire_core import models, train
+
+    torch.set_num_threads(2)
+    cfg, _, examples, proc = _default_kit()
+    ds = train.SFTDataset(examples, proc, cfg.model.max_length)
+    collate = train.Collator(proc)
+    bs = cfg.train.batch_size
+    batches = [collate([ds[i] for i in range(k * bs, (k + 1) * bs)]) for k in range(steps + 2)]
+    out = {"benchmark": "train", "scale": "default", "batch_size": bs, "steps": steps,
+           "gemm_peak_fp32_gflops": round(gemm_peak_gflops(torch.float32), 1),
+           "gemm_peak_bf16_gflops": round(gemm_peak_gflops(torch.bfloat16), 1)}
+    for mode in ("fp32", "bf16_autocast"):
+        torch.manual_seed(0)
+        model = models.build_model(cfg.model, proc).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+        tokens = flops = 0.0
+        elapsed = 0.0
+        for k, batch in enumerate(batches):
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(mode != "fp32")):
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if k >= 2:  # the first steps warm up allocators and kernels
+                elapsed += time.perf_counter() - t
+                n = int(batch["attention_mask"].sum())
+                tokens += n
+                flops += n * train_flops_per_token(model, batch["input_ids"].shape[1])
+        out[mode] = {"tokens_per_s": round(tokens / elapsed, 1), "model_gflops_per_s": round(flops / elapsed / 1e9, 2),
+                     "seconds_per_step": round(elapsed / steps, 3), "final_loss": round(float(loss), 4)}
+    best = max(("fp32", "bf16_autocast"), key=lambda m: out[m]["tokens_per_s"])
+    out["tokens_per_s"] = out[best]["tokens_per_s"]
+    out["faster_mode"] = best
+    out["mfu_fp32"] = round(out["fp32"]["model_gflops_per_s"] / out["gemm_peak_fp32_gflops"], 4)
+    out["mfu_bf16_autocast_vs_fp32_peak"] = round(out["bf16_autocast"]["model_gflops_per_s"] / out["gemm_peak_fp32_gflops"], 4)
+    out["params"] = models.param_count(model)
+    out["peak_rss_mb"] = round(provenance.peak_rss_mb(), 1)
+    return out
+
+
+def bench_generate(new_tokens: int = 32) -> dict:
+    import torch
+
+    from fire_core import models, prompts
+
+    torch.set_num_threads(2)
+    cfg, samples, _, proc = _default_kit()
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, proc).eval()
+    convs = [prompts.base_messages([(s.question, "")])[:-1] for s in samples[:64]]
+    images = [s.image for s in samples[:64]]
+    out = {"benchmark": "generate", "scale": "default", "new_tokens": new_tokens}
+    for bs, n in ((1, 8), (32, 64)):
+        models.generate(model, proc, convs[:bs], images[:bs], max_new_tokens=4, batch_size=bs)  # warm-up
+        t = time.perf_counter()
+        texts = models.generate(model, proc, convs[:n], images[:n], max_new_tokens=new_tokens, batch_size=bs,
+                                stop_at_eos=False)  # a fixed number of new tokens per sequence
+        dt = time.perf_counter() - t
+        out[f"batch_{bs}"] = {"sequences": len(texts), "seconds": round(dt, 2),
+                              "new_tokens_per_s": round(n * new_tokens / dt, 1)}
+    out["speedup_32_vs_1"] = round(out["batch_32"]["new_tokens_per_s"] / out["batch_1"]["new_tokens_per_s"], 2)
+    return out
+
+
+BENCHMARKS = {"world": bench_world, "train": bench_train, "generate": bench_generate}
 
 
 def main() -> None:

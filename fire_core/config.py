@@ -140,6 +140,7 @@ class TrainConfig:
     bf16: bool = False
     max_per_family: int = 0  # training records per family (0: all of the train split)
     followup_prob: float = 0.3  # base VLM: share of chats that get follow-up questions
+    caption_prob: float = 0.5  # base VLM: share of chats with a dense "describe it all" turn
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
@@ -156,6 +157,7 @@ class TrainConfig:
         _check(self.lora_alpha >= 1, "train.lora_alpha", f"must be >= 1, got {self.lora_alpha}")
         _check(self.max_per_family >= 0, "train.max_per_family", f"must be >= 0, got {self.max_per_family}")
         _check(0 <= self.followup_prob <= 1, "train.followup_prob", f"must be in [0, 1], got {self.followup_prob}")
+        _check(0 <= self.caption_prob <= 1, "train.caption_prob", f"must be in [0, 1], got {self.caption_prob}")
         _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
         _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")

@@ -191,11 +191,12 @@ def param_count(model) -> dict[str, int]:
 @torch.no_grad()
 def generate(model, processor, conversations: Sequence[Sequence[dict[str, Any]]], images: Sequence[Image.Image],
              max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = None, batch_size: int = 32) -> list[str]:
+             seed: int | None = None, batch_size: int = 32, stop_at_eos: bool = True) -> list[str]:
     """Batched generation: left padding, KV cache, greedy or sampling, stop at <|end|>.
 
     Greedy results do not depend on the batch size (tested); sampling is reproducible under
-    ``seed``. Returns the decoded new text of each conversation.
+    ``seed``. Returns the decoded new text of each conversation. ``stop_at_eos=False`` always
+    generates ``max_new_tokens`` (for benchmarks).
     """
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} images")
@@ -215,8 +216,8 @@ def generate(model, processor, conversations: Sequence[Sequence[dict[str, Any]]]
             enc = processor(text=texts, images=[im.convert("RGB") for im in images[start:start + batch_size]],
                             return_tensors="pt", padding=True)
             kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                          use_cache=True)
+                                          pad_token_id=tok.pad_token_id, use_cache=True,
+                                          eos_token_id=tok.eos_token_id if stop_at_eos else None)
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
                 # one seed per batch, derived from the run seed: reproducible whatever ran before

@@ -306,10 +306,12 @@ def base_examples(rows, cfg, rng) -> list[Example]:
     out = []
     for r in rows:
         qa = [(r["question"], r["response"])]
+        scene = json.loads(r["scene"])
         if rng.random() < cfg.train.followup_prob:
-            scene = json.loads(r["scene"])
             for _ in range(rng.randint(1, 2)):
                 qa.append(world.follow_up(scene, rng))
+        if rng.random() < cfg.train.caption_prob:  # LLaVA's feature alignment: describe it all
+            qa.insert(rng.randint(0, len(qa)), (rng.choice(world.DETAIL_QUESTIONS), world.dense_caption(scene)))
         out.append(Example(prompts.base_messages(qa), r["image"], {"id": r["id"], "family": r["family"]}))
     return out
 

@@ -634,6 +634,29 @@ FAMILIES: dict[str, Callable[[random.Random, int, str | None], Result]] = {
 }
 
 
+DETAIL_QUESTIONS = ["Describe the image in detail.", "Give a detailed description of the image.",
+                    "What exactly does this image show?"]
+
+
+def dense_caption(scene: dict[str, Any]) -> str:
+    """Everything in the image in one or two sentences, without coordinates: the target of
+    LLaVA-style feature-alignment chats (every token depends on the image)."""
+    kind = scene["kind"]
+    if kind == "shapes":
+        objs = sorted(scene["objects"], key=lambda o: o["x"])
+        return "The image shows " + _and([f"{_article(o['size'] + ' ' + _name(o))} {_where(o['region'])}" for o in objs]) + "."
+    if kind == "text":
+        t = scene["text"]
+        return f"The image shows the text \"{t['value']}\" in {t['color']} {_where(t['region'])}."
+    if kind == "chart":
+        c = scene["chart"]
+        return (f"A {c['color']} bar chart with {len(c['bars'])} bars: "
+                + ", ".join(f"{b['label']} is {b['value']}" for b in c["bars"]) + ".")
+    t = scene["table"]
+    return "A table with " + "; ".join(
+        f"row {r}: " + ", ".join(str(v) for v in vals) for r, vals in zip(t["rows"], t["cells"], strict=True)) + "."
+
+
 def follow_up(scene: dict[str, Any], rng: random.Random) -> tuple[str, str]:
     """An ordinary follow-up question about the same image, answered from the scene record
     (LLaVA-style multi-turn instruction data for the base model; never feedback)."""

@@ -91,3 +91,26 @@ def test_no_key_like_strings_in_results_or_notebooks(smoke_root):
     if (REPO / "results").is_dir():
         hits += _scan_for_keys(REPO / "results")
     assert not hits, hits
+
+
+@pytest.mark.slow
+def test_smoke_base_vlm_outputs(smoke_root):
+    import pandas as pd
+
+    from fire_core import models
+
+    d = smoke_root / "01_train_base_vlm"
+    cfg = config.load("01_train_base_vlm", ["scale=smoke"])
+    acc = pd.read_csv(d / "accuracy.csv")
+    assert set(acc.split) == {"val", "test", "unseen"}
+    assert set(acc[acc.split == "unseen"].family) == set(cfg.world.unseen_families) | {"all"}
+    assert ((acc.accuracy >= 0) & (acc.accuracy <= 1)).all()
+    loss = pd.read_csv(d / "loss.csv")
+    assert loss.loss.iloc[-1] < loss.loss.iloc[0], "the base model learned something"
+    model, proc = models.load(d / "model")
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    m = json.loads((d / "manifest.json").read_text())
+    assert any(k.endswith("00_build_world/dataset") for k in m["inputs"]), "inputs are hashed"
+    assert {"model", "accuracy.csv", "loss_curve.png"} <= set(m["outputs"])
+    never_feedback = [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
+    assert len(never_feedback) == int(acc[acc.family == "all"].n.sum())

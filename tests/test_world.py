@@ -306,3 +306,23 @@ def test_manifest_records_the_run(built):
     assert set(m["git"]) == {"commit", "dirty"}
     sidecar = json.loads((res.dir / "world_examples.json").read_text())
     assert any(k.endswith("world_stats.csv") for k in sidecar["sources"]) and sidecar["seed"] == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dense_caption_and_follow_ups_are_true_to_the_scene(family):
+    import random
+
+    for i in range(20):
+        s = world.make_sample(family, "train", i, seed=4, size=96)
+        cap = world.dense_caption(s.scene)
+        kind = s.scene["kind"]
+        if kind == "shapes":
+            assert world._objects(cap) == world._objects(" and ".join(f"a {o['color']} {o['shape']}" for o in s.scene["objects"]))
+        elif kind == "chart":
+            assert all(f"{b['label']} is {b['value']}" in cap for b in s.scene["chart"]["bars"])
+        elif kind == "table":
+            assert all(", ".join(map(str, row)) in cap for row in s.scene["table"]["cells"])
+        else:
+            assert f'"{s.scene["text"]["value"]}"' in cap
+        q, a = world.follow_up(s.scene, random.Random(i))
+        assert q.endswith("?") and "The answer is" in a
