@@ -98,8 +98,8 @@ class ModelConfig:
     kind: str = "tiny"
     pretrained_id: str | None = None  # e.g. llava-hf/llama3-llava-next-8b-hf (paper scale)
     vocab_size: int = 2048
-    hidden_size: int = 256
-    num_layers: int = 4
+    hidden_size: int = 128
+    num_layers: int = 3
     num_heads: int = 4
     vision_hidden_size: int = 128
     vision_layers: int = 2
@@ -141,6 +141,9 @@ class TrainConfig:
     max_per_family: int = 0  # training records per family (0: all of the train split)
     followup_prob: float = 0.3  # base VLM: share of chats that get follow-up questions
     caption_prob: float = 0.5  # base VLM: share of chats with a dense "describe it all" turn
+    vision_pretrain_steps: int = 0  # tiny models: dense per-patch pretraining of the vision tower
+    vision_pretrain_lr: float = 3e-3
+    freeze_vision: bool = False  # LLaVA keeps its pretrained vision tower frozen
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
@@ -158,6 +161,8 @@ class TrainConfig:
         _check(self.max_per_family >= 0, "train.max_per_family", f"must be >= 0, got {self.max_per_family}")
         _check(0 <= self.followup_prob <= 1, "train.followup_prob", f"must be in [0, 1], got {self.followup_prob}")
         _check(0 <= self.caption_prob <= 1, "train.caption_prob", f"must be in [0, 1], got {self.caption_prob}")
+        _check(self.vision_pretrain_steps >= 0, "train.vision_pretrain_steps", f"must be >= 0, got {self.vision_pretrain_steps}")
+        _check(0 < self.vision_pretrain_lr < 1, "train.vision_pretrain_lr", f"must be in (0, 1), got {self.vision_pretrain_lr}")
         _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
         _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")
@@ -180,6 +185,10 @@ class AnnotatorConfig:
     timeout_s: float = 60.0
     max_retries: int = 6
     temperature: float = 0.0
+    samples_per_family: int = 600  # FIRE-100K analog: training samples per seen family
+    fix_prob: float = 0.6  # oracle student: chance that a refinement gets it right
+    n_shards: int = 4  # JSONL shards of the raw generation
+    max_failure_rate: float = 0.2  # stop when a failure class exceeds this share of requests
 
     def __post_init__(self) -> None:
         _check(self.backend in ("oracle", "openai"), "annotator.backend",
@@ -190,6 +199,10 @@ class AnnotatorConfig:
         _check(self.timeout_s > 0, "annotator.timeout_s", f"must be > 0, got {self.timeout_s}")
         _check(self.max_retries >= 0, "annotator.max_retries", f"must be >= 0, got {self.max_retries}")
         _check(0 <= self.temperature <= 2, "annotator.temperature", f"must be in [0, 2], got {self.temperature}")
+        _check(self.samples_per_family >= 1, "annotator.samples_per_family", f"must be >= 1, got {self.samples_per_family}")
+        _check(0 <= self.fix_prob <= 1, "annotator.fix_prob", f"must be in [0, 1], got {self.fix_prob}")
+        _check(self.n_shards >= 1, "annotator.n_shards", f"must be >= 1, got {self.n_shards}")
+        _check(0 < self.max_failure_rate <= 1, "annotator.max_failure_rate", f"must be in (0, 1], got {self.max_failure_rate}")
         if self.base_url is not None:
             _check(re.match(r"^https?://", self.base_url) is not None, "annotator.base_url",
                    f"must start with http:// or https://, got '{self.base_url}'")

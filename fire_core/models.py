@@ -153,6 +153,15 @@ def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
     return model
 
 
+def load_pretrained(mcfg: ModelConfig):
+    """The paper's model and processor (``model.kind=pretrained``); needs the hub or a local copy."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(mcfg.pretrained_id)
+    model = LlavaNextForConditionalGeneration.from_pretrained(mcfg.pretrained_id, dtype=getattr(torch, mcfg.dtype))
+    return model, processor
+
+
 def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = None):
     """A saved model (full, or a LoRA adapter on the base it names) and its processor."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -212,7 +221,9 @@ def generate(model, processor, conversations: Sequence[Sequence[dict[str, Any]]]
             gen = torch.Generator().manual_seed(seed)
         for start in range(0, len(conversations), batch_size):
             convs = conversations[start:start + batch_size]
-            texts = [render_chat(c, add_generation_prompt=True)[0] for c in convs]
+            # the processor's own template: ours for the tiny models, LLaVA-NeXT's at paper scale
+            texts = [processor.apply_chat_template([{k: v for k, v in m.items() if k != "train"} for m in c],
+                                                   add_generation_prompt=True, tokenize=False) for c in convs]
             enc = processor(text=texts, images=[im.convert("RGB") for im in images[start:start + batch_size]],
                             return_tensors="pt", padding=True)
             kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -274,6 +275,82 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
 
 
 # ---------------------------------------------------------------------------------------------
+# Vision pretraining: LLaVA starts from a pretrained CLIP/SigLIP tower. With nothing to download,
+# we pretrain ours on the world: each patch's colour, kind and character come from the scene
+# record (dense supervision, seconds on a CPU), then the heads are thrown away.
+
+
+@dataclass
+class VisionPretrainResult:
+    losses: list[float]
+    patch_accuracy: dict[str, float]  # on patches that show something, held-out images
+    seconds: float
+    images: int
+
+
+def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """uint8 (N, 3, H, W); the processor's normalisation (mean 0.5, std 0.5) is x / 127.5 - 1."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: int,
+                    heldout: int = 256) -> VisionPretrainResult:
+    """Train the vision tower to tell, for every patch, the colour, kind and character under it."""
+    import json
+    import random
+
+    from fire_core import world
+
+    tower = model.model.vision_tower
+    vc = model.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    n = min(len(rows), steps * batch_size // 2 + heldout)  # about two passes over each image
+    order = random.Random(seed).sample(range(len(rows)), n)
+    sub = rows.select(order)
+    pix = _pixels(sub["image"])
+    labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
+    heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
+                                 (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    train_idx = torch.arange(heldout, n)
+    tower.train()
+    losses = []
+    t0 = time.time()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
+        b = train_idx[torch.randint(len(train_idx), (batch_size,), generator=gen)]
+        h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+        loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
+                   for k, head in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    with torch.no_grad():
+        h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+        acc = {}
+        for k, (name, head) in enumerate(zip(("colour", "kind", "char"), heads, strict=True)):
+            y = labels[:heldout][..., k]
+            mask = y > 0
+            acc[name] = float((head(h).argmax(-1)[mask] == y[mask]).float().mean()) if mask.any() else float("nan")
+    return VisionPretrainResult(losses=losses, patch_accuracy=acc, seconds=time.time() - t0, images=n)
+
+
+def freeze_vision(model) -> None:
+    """LLaVA keeps the pretrained vision tower frozen; only projector and LM train."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage 01: the base VLM
 
 
@@ -283,7 +360,7 @@ class BaseResult:
     model_dir: Path
     accuracy: Any  # pandas DataFrame: split, family, n, accuracy
     predictions: list[dict[str, Any]]
-    fit: FitResult
+    fit: FitResult | None  # None at paper scale: the pretrained model is evaluated, not trained
     params: dict[str, int]
 
 
@@ -349,41 +426,63 @@ def train_base_vlm(cfg) -> BaseResult:
     world_dir = provenance.require_stage(cfg, "00_build_world")
     ds = world.load(cfg)
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset"]) as run:
-        rng = random.Random(cfg.seed)
-        train_rows = ds["train"].select(select_per_family(ds["train"], cfg.world.seen_families,
-                                                          cfg.train.max_per_family, cfg.seed))
-        tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
-        processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
-        model = models.build_model(cfg.model, processor)
-        examples = base_examples(train_rows, cfg, rng)
-        dataset = SFTDataset(examples, processor, cfg.model.max_length)
-        log.info("base VLM: %d chats, %d tokens, %s params", len(dataset), dataset.n_tokens, models.param_count(model))
         model_dir = run.dir / "model"
-        result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=model_dir)
+        vision, result = None, None
+        if cfg.model.kind == "pretrained":  # paper scale: LLaVA-NeXT-8B is the base; evaluate it
+            model, processor = models.load_pretrained(cfg.model)
+            (model_dir / "PRETRAINED").parent.mkdir(parents=True, exist_ok=True)
+            (model_dir / "PRETRAINED").write_text(cfg.model.pretrained_id + "\n")
+        else:
+            rng = random.Random(cfg.seed)
+            train_rows = ds["train"].select(select_per_family(ds["train"], cfg.world.seen_families,
+                                                              cfg.train.max_per_family, cfg.seed))
+            tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
+            processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
+            model = models.build_model(cfg.model, processor)
+            if cfg.train.vision_pretrain_steps > 0:
+                vision = pretrain_vision(model, ds["train"], cfg.train.vision_pretrain_steps, 64,
+                                         cfg.train.vision_pretrain_lr, cfg.seed)
+                log.info("vision pretraining: patch accuracy %s in %.0f s", vision.patch_accuracy, vision.seconds)
+            if cfg.train.freeze_vision:
+                freeze_vision(model)
+            dataset = SFTDataset(base_examples(train_rows, cfg, rng), processor, cfg.model.max_length)
+            log.info("base VLM: %d chats, %d tokens, %s params", len(dataset), dataset.n_tokens,
+                     models.param_count(model))
+            result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=model_dir)
+            model = result.model
+            shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
 
         eval_rows = []
         for split, fams in (("val", cfg.world.seen_families), ("test", cfg.world.seen_families),
                             ("unseen", cfg.world.unseen_families)):
             idx = select_per_family(ds[split], fams, cfg.train.eval_per_family, cfg.seed)
             eval_rows += list(ds[split].select(sorted(idx)))
-        preds = evaluate.qa_predictions(result.model, processor, eval_rows, cfg.train.max_new_tokens,
+        preds = evaluate.qa_predictions(model, processor, eval_rows, cfg.train.max_new_tokens,
                                         batch_size=cfg.dialogue.batch_size)
         acc = evaluate.accuracy_table(preds)
         acc.to_csv(run.dir / "accuracy.csv", index=False, float_format="%.4f")
         with open(run.dir / "predictions.jsonl", "w") as fh:
             for p in preds:
                 fh.write(json.dumps(p) + "\n")
-        pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(run.dir / "loss.csv", index=False)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        steps, losses = zip(*result.losses, strict=True)
-        ax.plot(steps, losses)
-        ax.set(xlabel="step", ylabel="training loss", title="Base VLM")
-        plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
-        params = models.param_count(result.model)
+        params = models.param_count(model)
         overall = acc[acc.family == "all"].set_index("split")["accuracy"].to_dict()
-        run.extra.update({"params": params, "train_seconds": round(result.seconds, 1), "steps": result.steps,
-                          "tokens_per_epoch": result.tokens, "examples": len(dataset),
-                          "tokens_per_s": round(result.tokens * cfg.train.epochs / max(result.seconds, 1e-9), 1),
-                          "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
-                          "accuracy": overall, "resumed_from": result.resumed_from})
+        run.extra.update({"params": params, "accuracy": overall})
+        if result is not None:
+            pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(run.dir / "loss.csv", index=False)
+            fig, ax = plt.subplots(figsize=(5, 3))
+            steps, losses = zip(*result.losses, strict=True)
+            ax.plot(steps, losses)
+            ax.set(xlabel="step", ylabel="training loss", title="Base VLM")
+            plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
+            run.extra.update({
+                "train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(dataset),
+                "tokens_per_epoch": result.tokens,
+                "tokens_per_s": round(result.tokens * cfg.train.epochs / max(result.seconds, 1e-9), 1),
+                "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
+                "resumed_from": result.resumed_from})
+        if vision is not None:
+            run.extra["vision_pretraining"] = {
+                "steps": len(vision.losses), "images": vision.images, "seconds": round(vision.seconds, 1),
+                "first_loss": vision.losses[0], "last_loss": vision.losses[-1],
+                "heldout_patch_accuracy": vision.patch_accuracy}
     return BaseResult(dir=run.dir, model_dir=model_dir, accuracy=acc, predictions=preds, fit=result, params=params)

@@ -124,9 +124,10 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return pts
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, o: dict[str, Any]) -> None:
-    cx, cy, r, rgb = o["x"], o["y"], o["r"], COLORS[o["color"]]
-    edge = tuple(int(c * 0.55) for c in rgb)  # a darker rim keeps yellow visible on white
+def _draw_object(draw: ImageDraw.ImageDraw, o: dict[str, Any], fill: Any = None) -> None:
+    cx, cy, r = o["x"], o["y"], o["r"]
+    rgb = fill if fill is not None else COLORS[o["color"]]
+    edge = fill if fill is not None else tuple(int(c * 0.55) for c in rgb)  # a darker rim keeps yellow visible
     if o["shape"] == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb, outline=edge)
     elif o["shape"] == "square":
@@ -689,6 +690,88 @@ def follow_up(scene: dict[str, Any], rng: random.Random) -> tuple[str, str]:
     v = t["cells"][i][j]
     return (f"What about row {t['rows'][i]}, column {t['cols'][j]}?",
             f"Row {t['rows'][i]}, column {t['cols'][j]} holds {v}. The answer is {v}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense per-patch labels: what lies under each cell of a grid. They pretrain the vision tower
+# (stage 01), as LLaVA starts from a pretrained CLIP/SigLIP tower rather than from scratch.
+
+PATCH_COLORS = ["none", *COLORS, *TEXT_COLORS]
+PATCH_KINDS = ["none", *SHAPES, "bar", "text", "table"]
+PATCH_CHARS = ["none", *"0123456789abcdefghijklmnopqrstuvwxyz+-=?"]
+
+
+def _char_boxes(text: str, box: list[float]) -> list[tuple[str, float]]:
+    """Characters of a text and the x of their centres, splitting its box evenly (close enough
+    for these fonts)."""
+    x0, _, x1, _ = box
+    step = (x1 - x0) / max(1, len(text))
+    return [(c, x0 + (k + 0.5) * step) for k, c in enumerate(text.lower()) if c != " "]
+
+
+def patch_labels(scene: dict[str, Any], grid: int, font_path: str | None = None) -> list[list[int]]:
+    """For each of grid x grid cells (row-major), [colour, kind, character] class indices of
+    what is painted there (index 0: nothing), from a pixel-exact mask of the scene."""
+    import numpy as np
+
+    size = scene["size"]
+    cell = size // grid
+    min_px = max(4, int(0.12 * cell * cell))  # a cell shows an object when it paints this many pixels
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    kind = scene["kind"]
+    labels_of: dict[int, tuple[int, int]] = {}  # mask id -> (colour, kind)
+    texts: list[tuple[str, list[float], int]] = []  # (text, box, colour) for character labels
+    if kind == "shapes":
+        for k, o in enumerate(scene["objects"], start=1):
+            _draw_object(draw, o, fill=k)
+            labels_of[k] = (PATCH_COLORS.index(o["color"]), PATCH_KINDS.index(o["shape"]))
+    elif kind == "chart":
+        c = scene["chart"]
+        x0, x1, y0, y1 = c["plot"]
+        unit = (y1 - y0) / c["y_max"]
+        for k, b in enumerate(c["bars"], start=1):
+            draw.rectangle([b["x0"], y1 - b["value"] * unit, b["x1"], y1], fill=k)
+            labels_of[k] = (PATCH_COLORS.index(c["color"]), PATCH_KINDS.index("bar"))
+    elif kind == "text":
+        t = scene["text"]
+        draw.text((t["x"], t["y"]), t["value"], fill=1, font=_font(t["px"], font_path))
+        labels_of[1] = (PATCH_COLORS.index(t["color"]), PATCH_KINDS.index("text"))
+        texts.append((t["value"], t["bbox"], 1))
+    elif kind == "table":
+        t = scene["table"]
+        font = _font(t["px"], font_path)
+        xs, ys = t["xs"], t["ys"]
+        items = [(0, j + 1, n) for j, n in enumerate(t["cols"])] + [(i + 1, 0, n) for i, n in enumerate(t["rows"])]
+        items += [(i + 1, j + 1, str(v)) for i, row in enumerate(t["cells"]) for j, v in enumerate(row)]
+        labels_of[1] = (0, PATCH_KINDS.index("table"))
+        for i, j, text in items:
+            cx, cy = (xs[j] + xs[j + 1]) / 2, (ys[i] + ys[i + 1]) / 2
+            draw.text((cx, cy), text, fill=1, font=font, anchor="mm")
+            l, tp, r, bt = font.getbbox(text, anchor="mm")
+            texts.append((text, [cx + l, cy + tp, cx + r, cy + bt], 1))
+    m = np.asarray(mask)[: grid * cell, : grid * cell]
+    out = []
+    for gi in range(grid):
+        for gj in range(grid):
+            sub = m[gi * cell:(gi + 1) * cell, gj * cell:(gj + 1) * cell]
+            counts = np.bincount(sub.ravel(), minlength=len(labels_of) + 1)
+            counts[0] = 0
+            k = int(counts.argmax())
+            need = min_px if kind in ("shapes", "chart") else 4  # thin strokes for text
+            if counts[k] < need:
+                out.append([0, 0, 0])
+                continue
+            colour, knd = labels_of[k]
+            ch = 0
+            if texts:  # the character whose centre is nearest the ink in this cell
+                ys_, xs_ = np.nonzero(sub)
+                cx, cy = gj * cell + xs_.mean(), gi * cell + ys_.mean()
+                best = min(((abs(x - cx) + (0 if b[1] <= cy <= b[3] else size), c)
+                            for text, b, _ in texts for c, x in _char_boxes(text, b)), default=None)
+                ch = PATCH_CHARS.index(best[1]) if best and best[1] in PATCH_CHARS else 0
+            out.append([colour, knd, ch])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,3 +204,25 @@ def test_deepspeed_zero_through_the_trainer(tmp_path, stage, method):
     losses = res["losses"]
     assert min(losses[-3:]) < losses[0], losses
     assert not list(tmp_path.glob("**/*.so")), "nothing may be compiled"
+
+
+def test_vision_pretraining_learns_patch_labels_and_freezing_holds(kit, tmp_path):
+    import datasets
+
+    cfg, samples, tok, proc = kit
+    rows = [world.make_sample(f, "train", i, 1, SIZE) for f in world.SEEN for i in range(30)]
+    ds = datasets.Dataset.from_dict({"image": [s.image for s in rows],
+                                     "scene": [json.dumps(s.scene) for s in rows]},
+                                    features=datasets.Features({"image": datasets.Image(), "scene": datasets.Value("string")}))
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, proc)
+    res = train.pretrain_vision(model, ds, steps=200, batch_size=32, lr=5e-3, seed=0, heldout=40)
+    assert sum(res.losses[-5:]) / 5 < res.losses[0] / 2, res.losses[::10]
+    assert res.patch_accuracy["colour"] > 0.3  # chance among 10 colours is 0.1
+    train.freeze_vision(model)
+    before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    proj_before = model.model.multi_modal_projector.linear_1.weight.clone()
+    train.fit(model, proc, _dataset(kit, 16), cfg.train, tmp_path, seed=0, max_steps=3)
+    after = model.model.vision_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen tower must not move"
+    assert not torch.equal(proj_before, model.model.multi_modal_projector.linear_1.weight), "the projector trains"

@@ -326,3 +326,26 @@ def test_dense_caption_and_follow_ups_are_true_to_the_scene(family):
             assert f'"{s.scene["text"]["value"]}"' in cap
         q, a = world.follow_up(s.scene, random.Random(i))
         assert q.endswith("?") and "The answer is" in a
+
+
+@pytest.mark.parametrize("family", ["color", "count", "chart", "ocr", "table", "caption"])
+def test_patch_labels_match_the_pixels(family):
+    grid = 6
+    for i in range(15):
+        s = world.make_sample(family, "train", i, seed=5, size=96)
+        labels = world.patch_labels(s.scene, grid)
+        assert len(labels) == grid * grid
+        px = s.image.load()
+        cell = 96 // grid
+        shown = 0
+        for k, (c, kind, ch) in enumerate(labels):
+            gi, gj = divmod(k, grid)
+            pixels = [px[x, y] for x in range(gj * cell, (gj + 1) * cell) for y in range(gi * cell, (gi + 1) * cell)]
+            name = world.PATCH_COLORS[c]
+            if name in COLORS:  # a labelled colour really is painted in that cell
+                assert pixels.count(COLORS[name]) >= 4, (s.id, k, name)
+                shown += 1
+            if world.PATCH_KINDS[kind] in ("text", "table"):  # ink under a character label
+                assert any(sum(p) < 400 for p in pixels), (s.id, k)
+                shown += 1
+        assert shown > 0, s.id

@@ -1,0 +1,323 @@
+"""Stage 02: FIRE-100K, feedback-refinement dialogues written by an annotator.
+
+    from fire_core import annotate, config
+    cfg = config.load("02_generate_fire100k", ["scale=smoke"])
+    result = annotate.build_fire100k(cfg)   # results/<scale>/02_generate_fire100k/
+
+Each dialogue starts from the base VLM's real first answer (stage 01, batched, greedy), then the
+annotator plays teacher (score, feedback, DRESS critique/refinement/rating) and student (later
+turns) until the score reaches the threshold or the turn limit. Records are appended to sharded
+JSONL files with flush + fsync; a rerun skips finished ids and drops a torn last line, so a run
+killed at any moment and rerun gives the same dataset as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fire_core import feedback
+
+log = logging.getLogger(__name__)
+PROMPT_VERSION = "fire100k-v1"  # part of every request id: change it when the prompt changes
+
+
+def request_id(*parts: Any) -> str:
+    """A deterministic id from what defines a request (image hash, template, model, sampling,
+    turn, sample index): the same request always gets the same id."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class ShardStore:
+    """Append-only JSONL shards. A record's shard is fixed by its id, so reruns append to the
+    same files; reading skips (and repairs) a torn last line left by a kill."""
+
+    def __init__(self, root: Path, n_shards: int = 4):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.n_shards = n_shards
+
+    def path(self, k: int) -> Path:
+        return self.root / f"part-{k:05d}.jsonl"
+
+    def shard_of(self, rid: str) -> int:
+        return int(hashlib.sha256(rid.encode()).hexdigest(), 16) % self.n_shards
+
+    def repair(self) -> int:
+        """Cut every shard back to its last complete line; returns how many bytes were dropped."""
+        dropped = 0
+        for k in range(self.n_shards):
+            p = self.path(k)
+            if not p.is_file():
+                continue
+            data = p.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                with open(p, "r+b") as fh:
+                    fh.truncate(keep)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                dropped += len(data) - keep
+        return dropped
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for k in range(self.n_shards):
+            p = self.path(k)
+            if p.is_file():
+                with open(p) as fh:
+                    for line in fh:
+                        if line.endswith("\n"):
+                            yield json.loads(line)
+
+    def done_ids(self) -> set[str]:
+        return {r["request_id"] for r in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.path(self.shard_of(record["request_id"])), "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def all_sorted(self) -> list[dict[str, Any]]:
+        return sorted(self.records(), key=lambda r: r["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialogues
+
+
+def oracle_dialogue(sample: dict[str, Any], first_response: str, threshold: int, max_turns: int,
+                    seed: int, fix_prob: float = 0.6) -> list[dict[str, Any]]:
+    """Teacher and later student turns by the oracle, from the base VLM's first response."""
+    rng = random.Random(request_id(seed, sample["id"], "oracle-dialogue"))
+    turns: list[dict[str, Any]] = []
+    responses = [first_response]
+    for _ in range(max_turns):
+        j = feedback.judge(sample, responses[-1], history=responses[:-1], rng=rng)
+        turns.append({"response": responses[-1], **j.as_dict()})
+        if j.score >= threshold:
+            break
+        responses.append(feedback.refine(sample, responses, rng, fix_prob=fix_prob))
+    return turns
+
+
+def validate(record: dict[str, Any], score_min: int = 1, score_max: int = 10) -> str | None:
+    """Why a dialogue record is malformed, or None."""
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns:
+        return "no turns"
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return f"turn {k} is not an object"
+        if not isinstance(t.get("response"), str) or not t["response"].strip():
+            return f"turn {k} has no response"
+        if not isinstance(t.get("score"), int) or not score_min <= t["score"] <= score_max:
+            return f"turn {k} has no score on the scale"
+        if not isinstance(t.get("feedback"), str):
+            return f"turn {k} has no feedback"
+    return None
+
+
+def filter_reason(record: dict[str, Any], threshold: int) -> str | None:
+    """Why FIRE's filter drops a dialogue: malformed, leaked answer, or no improvement."""
+    bad = validate(record)
+    if bad:
+        return "malformed"
+    fam, answer = record["task"], record["answer"]
+    if any(feedback.leaks_answer(t["feedback"], answer, fam) for t in record["turns"] if not t.get("correct")):
+        return "leaked_answer"
+    scores = [t["score"] for t in record["turns"]]
+    if len(scores) < 2 or max(scores[1:]) <= scores[0]:
+        return "no_improvement"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics like the FIRE poster's table
+
+
+def statistics(records: Iterable[dict[str, Any]]):
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        rows.append({"family": r["task"], "turns": len(r["turns"]),
+                     "response_words": sum(len(t["response"].split()) for t in r["turns"]) / len(r["turns"]),
+                     "feedback_words": sum(len(t["feedback"].split()) for t in r["turns"]) / len(r["turns"])})
+    df = pd.DataFrame(rows, columns=["family", "turns", "response_words", "feedback_words"])
+
+    def agg(g):
+        return pd.Series({"dialogues": len(g), "avg_turns": g.turns.mean(),
+                          "avg_response_words": g.response_words.mean(), "avg_feedback_words": g.feedback_words.mean()})
+
+    per = df.groupby("family").apply(agg, include_groups=False).reset_index() if len(df) else pd.DataFrame()
+    total = agg(df).to_frame().T.assign(family="all")
+    return pd.concat([total, per], ignore_index=True)[["family", "dialogues", "avg_turns", "avg_response_words",
+                                                        "avg_feedback_words"]]
+
+
+def score_by_turn(records: Iterable[dict[str, Any]]):
+    import pandas as pd
+
+    c: Counter = Counter()
+    for r in records:
+        for k, t in enumerate(r["turns"], start=1):
+            c[(k, t["score"])] += 1
+    df = pd.Series(c, dtype=int).rename_axis(["turn", "score"]).unstack(fill_value=0) if c else pd.DataFrame()
+    return df
+
+
+@dataclass
+class GenStats:
+    """Counts for gen_stats.json."""
+
+    requested: int = 0
+    written: int = 0
+    skipped_done: int = 0
+    failures: Counter = field(default_factory=Counter)  # class -> count
+    bad_images: list[str] = field(default_factory=list)
+    torn_bytes_dropped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "written": self.written, "skipped_done": self.skipped_done,
+                "failures": dict(self.failures), "bad_images": self.bad_images,
+                "torn_bytes_dropped": self.torn_bytes_dropped}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class Fire100kResult:
+    dir: Path
+    kept: list[dict[str, Any]]
+    dropped: Counter
+    stats: Any  # DataFrame
+    gen_stats: GenStats
+    seconds: float
+
+
+def _sample_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "family": row["family"], "question": row["question"], "answer": row["answer"],
+            "response": row["response"], "scene": json.loads(row["scene"]), "annotation": row["annotation"]}
+
+
+def _image_ok(row: dict[str, Any]):
+    """The decoded image, or None when it is missing or corrupt."""
+    try:
+        img = row["image"]
+        img.load()
+        return img.convert("RGB")
+    except Exception:  # noqa: BLE001 - any decoding failure means a bad image
+        return None
+
+
+def dialogue_record(row: dict[str, Any], turns: list[dict[str, Any]], rid: str, source: str) -> dict[str, Any]:
+    return {"id": row["id"], "request_id": rid, "image": f"world/train/{row['id']}", "question": row["question"],
+            "answer": row["answer"], "task": row["family"], "split": row["split"], "source": source,
+            "turns": turns, "meta": {"prompt_version": PROMPT_VERSION}}
+
+
+def build_fire100k(cfg) -> Fire100kResult:
+    """Stage 02: generate, filter and describe the FIRE-100K analog."""
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from fire_core import models, plots, prompts, provenance, world
+    from fire_core.train import select_per_family
+
+    t0 = time.time()
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    ds = world.load(cfg)["train"]
+    a, d = cfg.annotator, cfg.dialogue
+    idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family, cfg.seed + 2))
+    rows = ds.select(idx)
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model"]) as run:
+        store = ShardStore(run.dir / "raw", a.n_shards)
+        stats = GenStats(requested=len(rows), torn_bytes_dropped=store.repair())
+        done = store.done_ids()
+        model_name = a.model if a.backend == "openai" else "oracle"
+        # the world's ids are stable hashes of seed/family/split/index, so they stand for the image
+        rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed)
+                  for i in rows["id"]}
+        todo = [i for i, rid in enumerate(rid_of[r] for r in rows["id"]) if rid not in done]
+        stats.skipped_done = len(rows) - len(todo)
+        model, processor = models.load(base_dir / "model")
+        from tqdm.auto import tqdm
+
+        bs = d.batch_size
+        for start in tqdm(range(0, len(todo), bs), desc="FIRE-100K dialogues", unit="batch"):
+            batch = [rows[i] for i in todo[start:start + bs]]
+            good = []
+            for r in batch:
+                img = _image_ok(r)
+                if img is None:
+                    stats.bad_images.append(r["id"])
+                    continue
+                good.append((r, img))
+            if not good:
+                continue
+            convs = [prompts.base_messages([(r["question"], "")])[:-1] for r, _ in good]
+            firsts = models.generate(model, processor, convs, [im for _, im in good],
+                                     max_new_tokens=cfg.train.max_new_tokens, batch_size=bs)
+            for (r, _), first in zip(good, firsts, strict=True):
+                sample = _sample_record(r)
+                first = first if first.strip() else "I am not sure."
+                turns = oracle_dialogue(sample, first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
+                rec = dialogue_record(r, turns, rid_of[r["id"]], source=f"world/{model_name}")
+                bad = validate(rec, d.score_min, d.score_max)
+                if bad:  # never write a malformed record
+                    stats.failures["malformed"] += 1
+                    continue
+                store.append(rec)
+                stats.written += 1
+        records = store.all_sorted()
+        dropped: Counter = Counter()
+        kept = []
+        for rec in records:
+            why = filter_reason(rec, d.threshold)
+            if why:
+                dropped[why] += 1
+            else:
+                kept.append(rec)
+        with open(run.dir / "fire100k.jsonl", "w") as fh:
+            for rec in kept:
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        table = statistics(kept)
+        table.to_csv(run.dir / "fire100k_stats.csv", index=False, float_format="%.2f")
+        score_by_turn(kept).to_csv(run.dir / "score_by_turn.csv")
+        provenance.write_json_atomic(run.dir / "gen_stats.json", {
+            **stats.as_dict(), "generated": len(records), "kept": len(kept), "dropped": dict(dropped),
+            "seconds": round(time.time() - t0, 1)})
+        # a few example dialogues, image plus turns
+        shown = kept[:3]
+        fig, axes = plt.subplots(len(shown), 2, figsize=(10, 3.2 * max(1, len(shown))), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1, 3]})
+        by_id = {r["id"]: i for i, r in enumerate(rows["id"])}
+        for ax_row, rec in zip(axes, shown, strict=False):
+            ax_row[0].imshow(rows[by_id[rec["id"]]]["image"], interpolation="nearest")
+            ax_row[0].axis("off")
+            lines = [f"Q: {rec['question'].splitlines()[0]}  (truth: {rec['answer']})"]
+            for k, t in enumerate(rec["turns"], 1):
+                lines.append(f"S{k}: {t['response'][:95]}")
+                lines.append(f"T{k}: Score {t['score']}. {t['feedback'][:90]}")
+            ax_row[1].text(0, 1, "\n".join(lines), va="top", fontsize=7, family="monospace", wrap=True)
+            ax_row[1].axis("off")
+        fig.tight_layout()
+        plots.save(fig, run.dir / "example_dialogues", sources=[run.dir / "fire100k.jsonl"], cfg=cfg)
+        run.extra.update({"kept": len(kept), "generated": len(records), "dropped": dict(dropped),
+                          "bad_images": len(stats.bad_images)})
+    return Fire100kResult(dir=run.dir, kept=kept, dropped=dropped, stats=table, gen_stats=stats,
+                          seconds=time.time() - t0)
