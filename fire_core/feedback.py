@@ -174,7 +174,7 @@ def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -
                 "Compare the tops of the bars one by one against the grid lines.")
     if fam == "ocr":
         tgt, got = normalize(answer), normalize(span)
-        k = next((i for i, (a, b) in enumerate(zip(tgt, got)) if a != b), min(len(tgt), len(got)))
+        k = next((i for i, (a, b) in enumerate(zip(tgt, got, strict=False)) if a != b), min(len(tgt), len(got)))
         where = "the first character" if k == 0 else f"character {k + 1}"
         length = ("The text in the image is longer than yours." if len(tgt) > len(got) else
                   "The text in the image is shorter than yours." if len(tgt) < len(got) else "")

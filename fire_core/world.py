@@ -748,8 +748,8 @@ def patch_labels(scene: dict[str, Any], grid: int, font_path: str | None = None)
         for i, j, text in items:
             cx, cy = (xs[j] + xs[j + 1]) / 2, (ys[i] + ys[i + 1]) / 2
             draw.text((cx, cy), text, fill=1, font=font, anchor="mm")
-            l, tp, r, bt = font.getbbox(text, anchor="mm")
-            texts.append((text, [cx + l, cy + tp, cx + r, cy + bt], 1))
+            left, top, right, bottom = font.getbbox(text, anchor="mm")
+            texts.append((text, [cx + left, cy + top, cx + right, cy + bottom], 1))
     m = np.asarray(mask)[: grid * cell, : grid * cell]
     out = []
     for gi in range(grid):

@@ -338,7 +338,7 @@ def test_patch_labels_match_the_pixels(family):
         px = s.image.load()
         cell = 96 // grid
         shown = 0
-        for k, (c, kind, ch) in enumerate(labels):
+        for k, (c, kind, _ch) in enumerate(labels):
             gi, gj = divmod(k, grid)
             pixels = [px[x, y] for x in range(gj * cell, (gj + 1) * cell) for y in range(gi * cell, (gi + 1) * cell)]
             name = world.PATCH_COLORS[c]
