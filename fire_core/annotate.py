@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ from fire_core import feedback
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "fire100k-v1"  # part of every request id: change it when the prompt changes
+TURN_KEYS = ("response", "score", "feedback", "critique", "refinement", "rating")
+FAILURE_CLASSES = ("transient", "bad_request", "unparsable", "truncated", "leaked_answer")
+ANNOTATOR_SYSTEM = (
+    "You write feedback-refinement dialogues about an image. You play two roles. The student answers "
+    "the question; its first response is given. The teacher sees the ground truth and the dense "
+    "annotation of the image, and replies to every student response with a score from 1 to 10 and "
+    "feedback that says what is wrong and where to look, WITHOUT stating the correct answer; also a "
+    "5-7 word critique, a concrete refinement suggestion, and a rating from 1 (bad) to 4 (excellent). "
+    "The student improves step by step. Stop when the score reaches the threshold or after the "
+    "maximum number of turns. Reply with JSON only: {\"turns\": [{\"response\": str, \"score\": int, "
+    "\"feedback\": str, \"critique\": str, \"refinement\": str, \"rating\": int}, ...]}.")
 
 
 def request_id(*parts: Any) -> str:
@@ -142,6 +154,185 @@ def filter_reason(record: dict[str, Any], threshold: int) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The openai backend: any OpenAI-compatible endpoint (GPT-4o, vLLM, fire_core.serve)
+
+
+class AnnotatorError(RuntimeError):
+    """A generation run that cannot go on (too many failures of one class, no API key)."""
+
+
+def image_data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def annotator_messages(sample: dict[str, Any], first: str, image, threshold: int, max_turns: int, seed: int,
+                       fix_prob: float) -> list[dict[str, Any]]:
+    """The same content for every backend: image, question, ground truth, dense annotation, the
+    first student response, and (for the oracle) the task as JSON."""
+    from fire_core.serve import TASK_CLOSE, TASK_OPEN
+
+    task = {"sample": sample, "first_response": first, "threshold": threshold, "max_turns": max_turns,
+            "seed": seed, "fix_prob": fix_prob}
+    text = (f"Question: {sample['question']}\nGround truth: {sample['answer']}\n"
+            f"Dense annotation: {sample['annotation']}\nFirst student response: {first}\n"
+            f"Satisfaction threshold: {threshold}; at most {max_turns} student turns.\n"
+            f"{TASK_OPEN}{json.dumps(task, sort_keys=True)}{TASK_CLOSE}")
+    return [{"role": "system", "content": ANNOTATOR_SYSTEM},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                                         {"type": "text", "text": text}]}]
+
+
+def parse_dialogue(text: str, sample: dict[str, Any], first: str, score_min: int = 1,
+                   score_max: int = 10) -> list[dict[str, Any]]:
+    """The annotator's JSON reply as turns; raises ValueError when it does not fit the schema."""
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        raise ValueError("no JSON object in the reply")
+    data = json.loads(m.group(0))
+    turns = data.get("turns") if isinstance(data, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("reply has no 'turns' list")
+    out = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict) or any(key not in t for key in TURN_KEYS):
+            raise ValueError(f"turn {k} lacks one of {TURN_KEYS}")
+        if not isinstance(t["score"], int) or not score_min <= t["score"] <= score_max:
+            raise ValueError(f"turn {k} score {t['score']!r} is not an integer in [{score_min}, {score_max}]")
+        if not isinstance(t["rating"], int) or not 1 <= t["rating"] <= 4:
+            raise ValueError(f"turn {k} rating {t['rating']!r} is not an integer in [1, 4]")
+        turn = {key: t[key] for key in TURN_KEYS}
+        turn["correct"] = world_is_correct(sample, turn["response"])
+        out.append(turn)
+    out[0]["response"] = first  # the base VLM's answer is fixed; annotators may not rewrite it
+    return out
+
+
+def world_is_correct(sample: dict[str, Any], response: str) -> bool:
+    from fire_core import world
+
+    return world.is_correct(sample["family"], response, sample["answer"])
+
+
+class RateLimiter:
+    """At most ``rpm`` request starts per minute (evenly spaced)."""
+
+    def __init__(self, rpm: int):
+        self.interval = 60.0 / rpm
+        self.next = 0.0
+        self.lock = None
+
+    async def wait(self) -> None:
+        import asyncio
+        import time
+
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+async def _one_request(client, acfg, dcfg, sample, first, image, seed, stats: GenStats, rejects: list,
+                       limiter: RateLimiter, sem) -> list[dict[str, Any]] | None:
+    """One dialogue with our retry layer; returns turns, or None after classifying the failure."""
+    import asyncio
+
+    import openai
+
+    messages = annotator_messages(sample, first, image, dcfg.threshold, dcfg.max_turns, seed, acfg.fix_prob)
+    backoff = 0.5
+    for attempt in range(acfg.max_retries + 1):
+        await limiter.wait()
+        wait = backoff * (2 ** attempt)
+        try:
+            async with sem:
+                resp = await client.chat.completions.create(
+                    model=acfg.model, messages=messages, temperature=acfg.temperature, max_tokens=2048,
+                    response_format={"type": "json_object"})
+        except openai.RateLimitError as exc:
+            stats.failures["transient"] += 1
+            ra = exc.response.headers.get("retry-after") if exc.response is not None else None
+            wait = float(ra) if ra else wait
+        except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError):
+            stats.failures["transient"] += 1
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500:
+                stats.failures["transient"] += 1
+            else:
+                stats.failures["bad_request"] += 1
+                rejects.append({"id": sample["id"], "class": "bad_request", "raw": str(exc)[:2000]})
+                return None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
+            stats.failures["transient"] += 1  # a malformed HTTP body: the server's fault, try again
+            rejects.append({"id": sample["id"], "class": "malformed_body", "raw": str(exc)[:2000]})
+        else:
+            choice = resp.choices[0]
+            text = choice.message.content or ""
+            if choice.finish_reason == "length":
+                stats.failures["truncated"] += 1
+                rejects.append({"id": sample["id"], "class": "truncated", "raw": text})
+            else:
+                try:
+                    return parse_dialogue(text, sample, first, dcfg.score_min, dcfg.score_max)
+                except (ValueError, json.JSONDecodeError) as exc:
+                    stats.failures["unparsable"] += 1
+                    rejects.append({"id": sample["id"], "class": "unparsable", "error": str(exc), "raw": text})
+        if attempt < acfg.max_retries:
+            await asyncio.sleep(min(wait, 30.0))
+    return None
+
+
+async def openai_dialogues(jobs: list[tuple[str, dict[str, Any], str, Any]], acfg, dcfg, seed: int,
+                           stats: GenStats, on_done) -> list[dict[str, Any]]:
+    """Run jobs (request id, sample, first response, image) concurrently; ``on_done(rid, turns)``
+    is called as each finishes (turns None on failure). Returns the reject log."""
+    import asyncio
+
+    import openai
+
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise AnnotatorError("annotator.backend=openai needs the OPENAI_API_KEY environment variable "
+                             "(never put keys in configs or notebook parameters)")
+    client = openai.AsyncOpenAI(base_url=acfg.base_url, api_key=key, timeout=acfg.timeout_s,
+                                max_retries=0)  # our retry layer honours Retry-After and backs off longer
+    sem = asyncio.Semaphore(acfg.concurrency)
+    limiter = RateLimiter(acfg.requests_per_minute)
+    rejects: list[dict[str, Any]] = []
+
+    async def run(job):
+        rid, sample, first, image = job
+        turns = await _one_request(client, acfg, dcfg, sample, first, image, seed, stats, rejects, limiter, sem)
+        on_done(rid, turns)
+
+    try:
+        await asyncio.gather(*(run(j) for j in jobs))
+    finally:
+        await client.close()
+    return rejects
+
+
+def check_failure_rates(stats: GenStats, max_rate: float) -> None:
+    """Stop with a clear message when one failure class is too common."""
+    if stats.requested == 0:
+        return
+    for cls in FAILURE_CLASSES:
+        rate = stats.failures.get(cls, 0) / max(1, stats.requested - stats.skipped_done)
+        if rate > max_rate:
+            raise AnnotatorError(f"{stats.failures[cls]} '{cls}' failures for {stats.requested - stats.skipped_done} "
+                                 f"requests ({rate:.0%}) exceed annotator.max_failure_rate={max_rate}; see gen_stats.json "
+                                 "and rejects.jsonl. Finished dialogues are kept: rerun to resume.")
+
+
+# ---------------------------------------------------------------------------------------------
 # Statistics like the FIRE poster's table
 
 
@@ -222,6 +413,38 @@ def _image_ok(row: dict[str, Any]):
         return None
 
 
+def _save_failures(out: Path, stats: GenStats, rejects: list[dict[str, Any]]) -> None:
+    """Raw text of every failed reply (rejects.jsonl) and the counts so far (gen_stats.json)."""
+    from fire_core import provenance
+
+    with open(out / "rejects.jsonl", "w") as fh:
+        for rej in rejects:
+            fh.write(json.dumps(rej) + "\n")
+    provenance.write_json_atomic(out / "gen_stats.json", stats.as_dict())
+
+
+def run_async(coro):
+    """Run a coroutine to completion, also inside Jupyter (whose kernel already runs a loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _write(store: ShardStore, stats: GenStats, row: dict[str, Any], turns: list[dict[str, Any]], rid: str,
+           model_name: str, d) -> None:
+    rec = dialogue_record(row, turns, rid, source=f"world/{model_name}")
+    bad = validate(rec, d.score_min, d.score_max)
+    if bad:  # never write a malformed record
+        stats.failures["unparsable"] += 1
+        return
+    if any(feedback.leaks_answer(t["feedback"], rec["answer"], rec["task"]) for t in turns if not t.get("correct")):
+        stats.failures["leaked_answer"] += 1  # written, then dropped by the filter with its reason
+    store.append(rec)
+    stats.written += 1
+
+
 def dialogue_record(row: dict[str, Any], turns: list[dict[str, Any]], rid: str, source: str) -> dict[str, Any]:
     return {"id": row["id"], "request_id": rid, "image": f"world/train/{row['id']}", "question": row["question"],
             "answer": row["answer"], "task": row["family"], "split": row["split"], "source": source,
@@ -258,6 +481,7 @@ def build_fire100k(cfg) -> Fire100kResult:
         from tqdm.auto import tqdm
 
         bs = d.batch_size
+        rejects: list[dict[str, Any]] = []
         for start in tqdm(range(0, len(todo), bs), desc="FIRE-100K dialogues", unit="batch"):
             batch = [rows[i] for i in todo[start:start + bs]]
             good = []
@@ -272,17 +496,26 @@ def build_fire100k(cfg) -> Fire100kResult:
             convs = [prompts.base_messages([(r["question"], "")])[:-1] for r, _ in good]
             firsts = models.generate(model, processor, convs, [im for _, im in good],
                                      max_new_tokens=cfg.train.max_new_tokens, batch_size=bs)
-            for (r, _), first in zip(good, firsts, strict=True):
-                sample = _sample_record(r)
-                first = first if first.strip() else "I am not sure."
-                turns = oracle_dialogue(sample, first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
-                rec = dialogue_record(r, turns, rid_of[r["id"]], source=f"world/{model_name}")
-                bad = validate(rec, d.score_min, d.score_max)
-                if bad:  # never write a malformed record
-                    stats.failures["malformed"] += 1
-                    continue
-                store.append(rec)
-                stats.written += 1
+            firsts = [f if f.strip() else "I am not sure." for f in firsts]
+            if a.backend == "oracle":
+                for (r, _), first in zip(good, firsts, strict=True):
+                    turns = oracle_dialogue(_sample_record(r), first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
+                    _write(store, stats, r, turns, rid_of[r["id"]], model_name, d)
+            else:
+                by_rid = {rid_of[r["id"]]: r for r, _ in good}
+                jobs = [(rid_of[r["id"]], _sample_record(r), first, img) for (r, img), first in zip(good, firsts, strict=True)]
+
+                def done(rid, turns, by_rid=by_rid):
+                    if turns is not None:
+                        _write(store, stats, by_rid[rid], turns, rid, model_name, d)
+
+                rejects += run_async(openai_dialogues(jobs, a, d, cfg.seed, stats, done))
+                try:
+                    check_failure_rates(stats, a.max_failure_rate)
+                except AnnotatorError:
+                    _save_failures(run.dir, stats, rejects)  # what failed, for the user to read
+                    raise
+        _save_failures(run.dir, stats, rejects)
         records = store.all_sorted()
         dropped: Counter = Counter()
         kept = []
@@ -302,10 +535,10 @@ def build_fire100k(cfg) -> Fire100kResult:
             **stats.as_dict(), "generated": len(records), "kept": len(kept), "dropped": dict(dropped),
             "seconds": round(time.time() - t0, 1)})
         # a few example dialogues, image plus turns
-        shown = kept[:3]
-        fig, axes = plt.subplots(len(shown), 2, figsize=(10, 3.2 * max(1, len(shown))), squeeze=False,
-                                 gridspec_kw={"width_ratios": [1, 3]})
-        by_id = {r["id"]: i for i, r in enumerate(rows["id"])}
+        shown = kept[:3] or records[:3]  # the kept ones if any
+        fig, axes = plt.subplots(max(1, len(shown)), 2, figsize=(11, 2.2 * max(1, len(shown))), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1, 4]})
+        by_id = {rid: i for i, rid in enumerate(rows["id"])}
         for ax_row, rec in zip(axes, shown, strict=False):
             ax_row[0].imshow(rows[by_id[rec["id"]]]["image"], interpolation="nearest")
             ax_row[0].axis("off")
@@ -313,8 +546,12 @@ def build_fire100k(cfg) -> Fire100kResult:
             for k, t in enumerate(rec["turns"], 1):
                 lines.append(f"S{k}: {t['response'][:95]}")
                 lines.append(f"T{k}: Score {t['score']}. {t['feedback'][:90]}")
-            ax_row[1].text(0, 1, "\n".join(lines), va="top", fontsize=7, family="monospace", wrap=True)
+            ax_row[1].text(0, 0.5, "\n".join(lines), va="center", fontsize=7, family="monospace")
             ax_row[1].axis("off")
+        if not shown:
+            for ax in axes[0]:
+                ax.axis("off")
+            axes[0][1].text(0, 0.5, "no dialogues were generated", va="center")
         fig.tight_layout()
         plots.save(fig, run.dir / "example_dialogues", sources=[run.dir / "fire100k.jsonl"], cfg=cfg)
         run.extra.update({"kept": len(kept), "generated": len(records), "dropped": dict(dropped),

@@ -9,6 +9,9 @@ per-family render cost.
 bf16 autocast), the measured fp32/bf16 GEMM peak of this machine, and MFU (model FLOPs per
 second of training over the fp32 GEMM peak).
 ``generate``: new tokens per second of batched generation at batch 1 and batch 32.
+``generate_data``: FIRE-100K dialogues per second for the oracle backend in process, and for
+the openai backend against the local server (``fire_core.serve``, 50 ms added per request so
+that concurrency matters) at concurrency 1 and 16.
 """
 
 from __future__ import annotations
@@ -168,7 +171,65 @@ def bench_generate(new_tokens: int = 32) -> dict:
     return out
 
 
-BENCHMARKS = {"world": bench_world, "train": bench_train, "generate": bench_generate}
+def bench_generate_data(n: int = 96, server_delay: float = 0.05) -> dict:
+    import os
+    import random
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from fire_core import annotate, feedback
+
+    cfg = config.load("02_generate_fire100k", ["scale=default"])
+    samples = [world.make_sample(f, "train", i, 0, 96) for i in range(n // 9 + 1) for f in cfg.world.seen_families][:n]
+    jobs = []
+    for s in samples:
+        rec = {"id": s.id, "family": s.family, "question": s.question, "answer": s.answer, "response": s.response,
+               "scene": s.scene, "annotation": s.annotation}
+        first = feedback.respond(rec, feedback.wrong_answer(rec, random.Random(0)))
+        jobs.append((s.id, rec, first, s.image))
+    out = {"benchmark": "generate_data", "dialogues": n, "server_delay_s": server_delay}
+    t = time.perf_counter()
+    for _, rec, first, _ in jobs:
+        annotate.oracle_dialogue(rec, first, cfg.dialogue.threshold, cfg.dialogue.max_turns, 0)
+    out["oracle_in_process_dialogues_per_s"] = round(n / (time.perf_counter() - t), 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "fire_core.serve", "--port", str(port), "--delay",
+                               str(server_delay)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.setdefault("OPENAI_API_KEY", "local-bench-key")
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        for conc in (1, 16):
+            acfg = config.load("02_generate_fire100k", ["scale=default", "annotator=openai", "annotator.model=oracle",
+                                                        f"annotator.base_url=http://127.0.0.1:{port}/v1",
+                                                        f"annotator.concurrency={conc}",
+                                                        "annotator.requests_per_minute=100000"]).annotator
+            stats = annotate.GenStats(requested=n)
+            done = []
+            t = time.perf_counter()
+            annotate.run_async(annotate.openai_dialogues(jobs, acfg, cfg.dialogue, 0, stats,
+                                                         lambda rid, turns, done=done: done.append(turns is not None)))
+            dt = time.perf_counter() - t
+            out[f"openai_local_concurrency_{conc}"] = {"dialogues_per_s": round(sum(done) / dt, 2),
+                                                        "seconds": round(dt, 2), "failures": dict(stats.failures)}
+    finally:
+        server.kill()
+    out["speedup_16_vs_1"] = round(out["openai_local_concurrency_16"]["dialogues_per_s"]
+                                   / out["openai_local_concurrency_1"]["dialogues_per_s"], 2)
+    return out
+
+
+BENCHMARKS = {"world": bench_world, "train": bench_train, "generate": bench_generate,
+              "generate_data": bench_generate_data}
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ annotations. The oracle has the complete scene record, so its judgements are alw
     nxt = feedback.refine(record, history, rng, fix_prob=0.6)   # the oracle student's next try
 
 Scores follow correctness and closeness consistently: a correct answer scores 9 (10 when it
-also explains itself with 'The answer is ...'); a wrong one scores 1-7 by how close it is
+also explains itself with 'The answer is ...', or is a full caption); a wrong one scores 1-7 by how close it is
 (numbers: relative error; words: near-misses; captions: overlap of objects); nothing
 answer-like scores 1. Feedback says what is wrong and where to look, and never states the
 answer (:func:`leaks_answer` checks it).
@@ -80,7 +80,8 @@ def closeness(family: str, response: str, answer: str) -> float | None:
 
 def score_of(family: str, response: str, answer: str) -> tuple[int, bool]:
     if is_correct(family, response, answer):
-        return (10 if world._ANSWER_RE.search(response) else 9), True
+        explained = family == "caption" or world._ANSWER_RE.search(response) is not None
+        return (10 if explained else 9), True  # a bare answer is right but unexplained
     c = closeness(family, response, answer)
     return (1 if c is None else 2 + round(5 * c)), False  # 2..7: below the threshold of 8
 

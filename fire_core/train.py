@@ -16,6 +16,7 @@ weights as an uninterrupted run (tested).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -235,6 +236,23 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     if tcfg.deepspeed:
         prepare_cpu_deepspeed()
     ckpt_dir = Path(out_dir) / "checkpoints"
+    # checkpoints resume only the same run: another config, data or set of trainable weights
+    # would load mismatched optimizer state (or silently mix two runs)
+    import dataclasses
+    import hashlib
+    import json
+
+    fingerprint = hashlib.sha256(json.dumps({
+        "train": dataclasses.asdict(tcfg), "seed": seed, "max_steps": max_steps, "examples": len(dataset),
+        "tokens": dataset.n_tokens,
+        "trainable": [(n, list(p.shape)) for n, p in model.named_parameters() if p.requires_grad],
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    fp_file = ckpt_dir / "run_fingerprint.txt"
+    if ckpt_dir.is_dir() and (not fp_file.is_file() or fp_file.read_text().strip() != fingerprint):
+        log.warning("discarding checkpoints in %s: they belong to a different run", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fingerprint + "\n")
     steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * tcfg.grad_accum))
     total = max_steps if max_steps > 0 else int(steps_per_epoch * tcfg.epochs)
     args = TrainingArguments(
@@ -315,7 +333,9 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
                                  (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to zero
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
     gen = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(heldout, n)
     tower.train()
@@ -333,7 +353,7 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
         acc = {}

@@ -226,3 +226,13 @@ def test_vision_pretraining_learns_patch_labels_and_freezing_holds(kit, tmp_path
     after = model.model.vision_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a frozen tower must not move"
     assert not torch.equal(proj_before, model.model.multi_modal_projector.linear_1.weight), "the projector trains"
+
+
+def test_checkpoints_of_another_run_are_not_resumed(kit, tmp_path):
+    cfg, _, _, proc = kit
+    ds = _dataset(kit, 16)
+    torch.manual_seed(0)
+    train.fit(models.build_model(cfg.model, proc), proc, ds, cfg.train, tmp_path, seed=0, max_steps=2, save_steps=1)
+    other = config.load("01_train_base_vlm", ["scale=smoke", "train.batch_size=4", "train.learning_rate=1e-4"]).train
+    res = train.fit(models.build_model(cfg.model, proc), proc, ds, other, tmp_path, seed=0, max_steps=2, save_steps=1)
+    assert res.resumed_from is None  # a different learning rate is a different run
