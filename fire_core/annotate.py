@@ -28,7 +28,7 @@ from typing import Any
 from fire_core import feedback
 
 log = logging.getLogger(__name__)
-PROMPT_VERSION = "fire100k-v1"  # part of every request id: change it when the prompt changes
+PROMPT_VERSION = "fire100k-v2"  # part of every request id: change it when the prompt changes
 TURN_KEYS = ("response", "score", "feedback", "critique", "refinement", "rating")
 FAILURE_CLASSES = ("transient", "bad_request", "unparsable", "truncated", "leaked_answer")
 ANNOTATOR_SYSTEM = (
@@ -145,7 +145,8 @@ def filter_reason(record: dict[str, Any], threshold: int) -> str | None:
     if bad:
         return "malformed"
     fam, answer = record["task"], record["answer"]
-    if any(feedback.leaks_answer(t["feedback"], answer, fam) for t in record["turns"] if not t.get("correct")):
+    q = record.get("question", "")
+    if any(feedback.leaks_answer(t["feedback"], answer, fam, q) for t in record["turns"] if not t.get("correct")):
         return "leaked_answer"
     scores = [t["score"] for t in record["turns"]]
     if len(scores) < 2 or max(scores[1:]) <= scores[0]:
@@ -439,7 +440,8 @@ def _write(store: ShardStore, stats: GenStats, row: dict[str, Any], turns: list[
     if bad:  # never write a malformed record
         stats.failures["unparsable"] += 1
         return
-    if any(feedback.leaks_answer(t["feedback"], rec["answer"], rec["task"]) for t in turns if not t.get("correct")):
+    if any(feedback.leaks_answer(t["feedback"], rec["answer"], rec["task"], rec["question"])
+           for t in turns if not t.get("correct")):
         stats.failures["leaked_answer"] += 1  # written, then dropped by the filter with its reason
     store.append(rec)
     stats.written += 1
@@ -516,7 +518,9 @@ def build_fire100k(cfg) -> Fire100kResult:
                     _save_failures(run.dir, stats, rejects)  # what failed, for the user to read
                     raise
         _save_failures(run.dir, stats, rejects)
-        records = store.all_sorted()
+        # only this plan's requests: shards may still hold records of an older prompt or config
+        wanted = set(rid_of.values())
+        records = [r for r in store.all_sorted() if r["request_id"] in wanted]
         dropped: Counter = Counter()
         kept = []
         for rec in records:

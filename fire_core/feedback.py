@@ -86,9 +86,10 @@ def score_of(family: str, response: str, answer: str) -> tuple[int, bool]:
     return (1 if c is None else 2 + round(5 * c)), False  # 2..7: below the threshold of 8
 
 
-def leaks_answer(text: str, answer: str, family: str) -> bool:
+def leaks_answer(text: str, answer: str, family: str, question: str = "") -> bool:
     """Does feedback state the ground truth? (A whole-word match of the normalised answer; for
-    multiple choice, naming the right option.)"""
+    multiple choice, naming the right option. A number that the question itself contains, such
+    as 'row 3', is not a leak.)"""
     t = " " + normalize(text) + " "
     if family == "choice":
         return re.search(rf"\boption {answer.strip().lower()}\b", t) is not None
@@ -96,7 +97,8 @@ def leaks_answer(text: str, answer: str, family: str) -> bool:
         return False  # the objects of a caption are named in the question's image, not a single fact
     gold = normalize(answer)
     if re.fullmatch(r"-?\d+(?:\.\d+)?", gold):
-        return any(abs(n - float(gold)) < 1e-9 for n in world._numbers(text))
+        given = {n for n in world._numbers(question)} if question else set()
+        return any(abs(n - float(gold)) < 1e-9 and n not in given for n in world._numbers(text))
     return re.search(rf"(?<![a-z0-9]){re.escape(gold)}(?![a-z0-9])", t) is not None
 
 
@@ -257,7 +259,7 @@ def judge(record: dict[str, Any], response: str, history: list[str] | None = Non
     else:
         fb, ref = _wrong_feedback(record, response, rng)
         if history and normalize(extract_answer(response)) == normalize(extract_answer(history[-1])):
-            fb = "You gave the same answer again, and it is still not right. " + fb
+            fb = "You gave the same answer again, and it is still not correct. " + fb
     answered = correct or closeness(fam, response, answer) is not None
     return Judgement(score=score, feedback=fb, critique=_critique(score, answered, rng), refinement=ref,
                      rating=rating_of(score), correct=correct)

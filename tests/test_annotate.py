@@ -138,6 +138,12 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_dataset(smoke_root
     assert 0 < written  # it was killed mid-run with work on disk
     _run_stage(root)
     assert _kept(root) == reference  # nothing lost, nothing duplicated
+    # records of another plan (an older prompt version) left in the shards are ignored
+    store = annotate.ShardStore(raw, n_shards=config.load("02_generate_fire100k", ["scale=smoke"]).annotator.n_shards)
+    stale = json.loads(reference[0])
+    store.append({**stale, "request_id": "stale-prompt-v0", "turns": stale["turns"][:1]})
+    _run_stage(root)
+    assert _kept(root) == reference
     stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
     assert stats["skipped_done"] >= 1
 

@@ -28,7 +28,9 @@ def test_scores_feedback_and_dress_fields(family):
         assert not wrong.correct and 1 <= wrong.score <= 7, (wrong_text, rec["answer"])
         assert wrong.rating == feedback.rating_of(wrong.score)
         for text in (wrong.feedback, wrong.refinement):
-            assert not feedback.leaks_answer(text, rec["answer"], family), (text, rec["answer"])
+            assert not feedback.leaks_answer(text, rec["answer"], family, rec["question"]), (text, rec["answer"])
+        again = feedback.judge(rec, wrong_text, history=[wrong_text], rng=rng)  # the "same answer" phrasing
+        assert not feedback.leaks_answer(again.feedback, rec["answer"], family, rec["question"]), again.feedback
         for j in (right, wrong):
             assert 5 <= len(j.critique.split()) <= 7, j.critique
             assert j.feedback and j.refinement
@@ -48,6 +50,9 @@ def test_leak_detector():
     assert not feedback.leaks_answer("Look at the reddish area.", "red", "color")
     assert feedback.leaks_answer("Pick option B.", "B", "choice")
     assert not feedback.leaks_answer("Option A is not right.", "B", "choice")
+    # a number the question itself gives is not a leak; one it does not give is
+    assert not feedback.leaks_answer("Locate row 3 and column C again.", "3", "table", "What is in row 3, column C?")
+    assert feedback.leaks_answer("The cell holds 3.", "3", "table", "What is in row 1, column C?")
 
 
 def test_repeating_a_wrong_answer_is_called_out():
