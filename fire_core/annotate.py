@@ -405,12 +405,28 @@ def _sample_record(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _image_ok(row: dict[str, Any]):
-    """The decoded image, or None when it is missing or corrupt."""
+    """The decoded image, or None when it is missing or corrupt (rows are read undecoded, so a
+    bad image cannot stop the run before this check)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    value = row.get("image")
     try:
-        img = row["image"]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                img = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                img = Image.open(value["path"])
+            else:
+                return None
+        elif value is None:
+            return None
+        else:
+            img = value
         img.load()
         return img.convert("RGB")
-    except Exception:  # noqa: BLE001 - any decoding failure means a bad image
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
 
 
@@ -468,7 +484,9 @@ def build_fire100k(cfg) -> Fire100kResult:
     ds = world.load(cfg)["train"]
     a, d = cfg.annotator, cfg.dialogue
     idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family, cfg.seed + 2))
-    rows = ds.select(idx)
+    import datasets
+
+    rows = ds.select(idx).cast_column("image", datasets.Image(decode=False))  # decoded by _image_ok
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model"]) as run:
         store = ShardStore(run.dir / "raw", a.n_shards)
         stats = GenStats(requested=len(rows), torn_bytes_dropped=store.repair())
@@ -544,7 +562,9 @@ def build_fire100k(cfg) -> Fire100kResult:
                                  gridspec_kw={"width_ratios": [1, 4]})
         by_id = {rid: i for i, rid in enumerate(rows["id"])}
         for ax_row, rec in zip(axes, shown, strict=False):
-            ax_row[0].imshow(rows[by_id[rec["id"]]]["image"], interpolation="nearest")
+            img = _image_ok(rows[by_id[rec["id"]]])
+            if img is not None:
+                ax_row[0].imshow(img, interpolation="nearest")
             ax_row[0].axis("off")
             lines = [f"Q: {rec['question'].splitlines()[0]}  (truth: {rec['answer']})"]
             for k, t in enumerate(rec["turns"], 1):

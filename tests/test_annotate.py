@@ -217,3 +217,63 @@ def test_server_lists_models_and_serves_a_trained_model(smoke_root):
         assert bad.status_code == 404 and "not found" in bad.json()["error"]["message"]
     finally:
         server.kill()
+
+
+def test_image_check_catches_corrupt_and_missing_images():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    good = buf.getvalue()
+    assert annotate._image_ok({"image": {"bytes": good, "path": None}}).size == (8, 8)
+    assert annotate._image_ok({"image": {"bytes": good[: len(good) // 2], "path": None}}) is None  # truncated
+    assert annotate._image_ok({"image": {"bytes": b"not a png", "path": None}}) is None
+    assert annotate._image_ok({"image": {"bytes": None, "path": "/no/such.png"}}) is None
+    assert annotate._image_ok({"image": None}) is None
+
+
+@pytest.mark.slow
+def test_corrupt_images_are_skipped_counted_and_named(smoke_root, tmp_path):
+    import datasets
+
+    root = _copy_inputs(smoke_root, tmp_path)
+    wdir = root / "smoke" / "00_build_world" / "dataset"
+    dsd = datasets.load_from_disk(str(wdir)).cast_column("image", datasets.Image(decode=False))
+    corrupt = set(dsd["train"]["id"][::7])
+
+    def damage(row):
+        if row["id"] in corrupt:
+            row["image"] = {"bytes": row["image"]["bytes"][:40], "path": None}
+        return row
+
+    dsd["train"] = dsd["train"].map(damage)
+    dsd.save_to_disk(str(wdir.with_name("damaged")))  # a dataset cannot overwrite its own files
+    shutil.rmtree(wdir)
+    wdir.with_name("damaged").rename(wdir)
+    _run_stage(root)
+    stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
+    assert stats["bad_images"] and set(stats["bad_images"]) <= corrupt
+    assert stats["written"] + len(stats["bad_images"]) == stats["requested"]
+    kept_ids = {json.loads(line)["id"] for line in _kept(root)}
+    assert not kept_ids & corrupt
+
+
+@pytest.mark.slow
+def test_a_failing_endpoint_stops_the_run_with_a_clear_message(smoke_root, tmp_path):
+    server, port = _server("--fault-500", "1.0")
+    try:
+        root = _copy_inputs(smoke_root, tmp_path)
+        code = ("import sys; from fire_core import annotate, config; "
+                "cfg = config.load('02_generate_fire100k', sys.argv[1:]); annotate.build_fire100k(cfg)")
+        proc = subprocess.run([sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", "annotator=openai",
+                               f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
+                               "annotator.max_retries=0"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OPENAI_API_KEY": "local-test-key"})
+    finally:
+        server.kill()
+    assert proc.returncode != 0
+    assert "'transient' failures" in proc.stderr and "exceed annotator.max_failure_rate=0.2" in proc.stderr
+    stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
+    assert stats["failures"]["transient"] >= 1  # what failed is on disk for the user
