@@ -431,10 +431,11 @@ def _image_ok(row: dict[str, Any]):
 
 
 def _save_failures(out: Path, stats: GenStats, rejects: list[dict[str, Any]]) -> None:
-    """Raw text of every failed reply (rejects.jsonl) and the counts so far (gen_stats.json)."""
+    """Raw text of every failed reply (appended to rejects.jsonl, so a rerun keeps the earlier
+    ones) and the counts of this run (gen_stats.json)."""
     from fire_core import provenance
 
-    with open(out / "rejects.jsonl", "w") as fh:
+    with open(out / "rejects.jsonl", "a") as fh:
         for rej in rejects:
             fh.write(json.dumps(rej) + "\n")
     provenance.write_json_atomic(out / "gen_stats.json", stats.as_dict())
@@ -473,7 +474,9 @@ def build_fire100k(cfg) -> Fire100kResult:
     """Stage 02: generate, filter and describe the FIRE-100K analog."""
     import time
 
+    import datasets
     import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
 
     from fire_core import models, plots, prompts, provenance, world
     from fire_core.train import select_per_family
@@ -484,8 +487,6 @@ def build_fire100k(cfg) -> Fire100kResult:
     ds = world.load(cfg)["train"]
     a, d = cfg.annotator, cfg.dialogue
     idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family, cfg.seed + 2))
-    import datasets
-
     rows = ds.select(idx).cast_column("image", datasets.Image(decode=False))  # decoded by _image_ok
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model"]) as run:
         store = ShardStore(run.dir / "raw", a.n_shards)
@@ -493,13 +494,11 @@ def build_fire100k(cfg) -> Fire100kResult:
         done = store.done_ids()
         model_name = a.model if a.backend == "openai" else "oracle"
         # the world's ids are stable hashes of seed/family/split/index, so they stand for the image
-        rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed)
-                  for i in rows["id"]}
-        todo = [i for i, rid in enumerate(rid_of[r] for r in rows["id"]) if rid not in done]
+        ids = rows["id"]
+        rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed) for i in ids}
+        todo = [k for k, i in enumerate(ids) if rid_of[i] not in done]
         stats.skipped_done = len(rows) - len(todo)
         model, processor = models.load(base_dir / "model")
-        from tqdm.auto import tqdm
-
         bs = d.batch_size
         rejects: list[dict[str, Any]] = []
         for start in tqdm(range(0, len(todo), bs), desc="FIRE-100K dialogues", unit="batch"):
@@ -525,11 +524,11 @@ def build_fire100k(cfg) -> Fire100kResult:
                 by_rid = {rid_of[r["id"]]: r for r, _ in good}
                 jobs = [(rid_of[r["id"]], _sample_record(r), first, img) for (r, img), first in zip(good, firsts, strict=True)]
 
-                def done(rid, turns, by_rid=by_rid):
+                def on_done(rid, turns, by_rid=by_rid):
                     if turns is not None:
                         _write(store, stats, by_rid[rid], turns, rid, model_name, d)
 
-                rejects += run_async(openai_dialogues(jobs, a, d, cfg.seed, stats, done))
+                rejects += run_async(openai_dialogues(jobs, a, d, cfg.seed, stats, on_done))
                 try:
                     check_failure_rates(stats, a.max_failure_rate)
                 except AnnotatorError:
@@ -560,7 +559,7 @@ def build_fire100k(cfg) -> Fire100kResult:
         shown = kept[:3] or records[:3]  # the kept ones if any
         fig, axes = plt.subplots(max(1, len(shown)), 2, figsize=(11, 2.2 * max(1, len(shown))), squeeze=False,
                                  gridspec_kw={"width_ratios": [1, 4]})
-        by_id = {rid: i for i, rid in enumerate(rows["id"])}
+        by_id = {rid: i for i, rid in enumerate(ids)}
         for ax_row, rec in zip(axes, shown, strict=False):
             img = _image_ok(rows[by_id[rec["id"]]])
             if img is not None:

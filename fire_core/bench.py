@@ -54,7 +54,6 @@ def gemm_peak_gflops(dtype, n: int = 1024, reps: int = 20) -> float:
     """Best sustained GFLOP/s of a square matmul on this machine (the roofline for MFU)."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = 0.0
     for size in (n, 2 * n):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)

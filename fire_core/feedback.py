@@ -48,7 +48,7 @@ def rating_of(score: int) -> int:
 
 
 def _number(text: str) -> float | None:
-    nums = world._numbers(extract_answer(text))
+    nums = world.numbers_in(extract_answer(text))
     return nums[-1] if nums else None
 
 
@@ -58,7 +58,7 @@ def closeness(family: str, response: str, answer: str) -> float | None:
     if not span.strip():
         return None
     if family == "caption":
-        pred, gold = world._objects(response), world._objects(answer)
+        pred, gold = world.objects_in(response), world.objects_in(answer)
         if not pred:
             return None
         inter = sum((pred & gold).values())
@@ -74,13 +74,13 @@ def closeness(family: str, response: str, answer: str) -> float | None:
         return 0.9 * difflib.SequenceMatcher(None, normalize(span), normalize(answer)).ratio()
     if family == "choice":
         return 0.3 if re.search(r"\b[A-D]\b", span) else None
-    vocab = world._vocab(family)
+    vocab = world.answer_vocab(family)
     return 0.3 if any(re.search(rf"\b{re.escape(v)}\b", normalize(span)) for v in vocab) else None
 
 
 def score_of(family: str, response: str, answer: str) -> tuple[int, bool]:
     if is_correct(family, response, answer):
-        explained = family == "caption" or world._ANSWER_RE.search(response) is not None
+        explained = family == "caption" or world.ANSWER_RE.search(response) is not None
         return (10 if explained else 9), True  # a bare answer is right but unexplained
     c = closeness(family, response, answer)
     return (1 if c is None else 2 + round(5 * c)), False  # 2..7: below the threshold of 8
@@ -97,8 +97,8 @@ def leaks_answer(text: str, answer: str, family: str, question: str = "") -> boo
         return False  # the objects of a caption are named in the question's image, not a single fact
     gold = normalize(answer)
     if re.fullmatch(r"-?\d+(?:\.\d+)?", gold):
-        given = {n for n in world._numbers(question)} if question else set()
-        return any(abs(n - float(gold)) < 1e-9 and n not in given for n in world._numbers(text))
+        given = {n for n in world.numbers_in(question)} if question else set()
+        return any(abs(n - float(gold)) < 1e-9 and n not in given for n in world.numbers_in(text))
     return re.search(rf"(?<![a-z0-9]){re.escape(gold)}(?![a-z0-9])", t) is not None
 
 
@@ -122,7 +122,7 @@ def _target(scene: dict[str, Any], q: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _where(o: dict[str, Any]) -> str:
-    return world._where(o["region"])
+    return world.where_phrase(o["region"])
 
 
 def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -> tuple[str, str]:
@@ -205,7 +205,7 @@ def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -
         return ("That option does not match the image. Check the object again and compare with each option.",
                 "Look at the object in the question carefully, then read every option before choosing.")
     if fam == "caption":
-        pred, gold = world._objects(response), world._objects(answer)
+        pred, gold = world.objects_in(response), world.objects_in(answer)
         extra = list((pred - gold).elements())
         missing = sum((gold - pred).values())
         parts = []
@@ -295,8 +295,8 @@ def wrong_answer(record: dict[str, Any], rng: random.Random, near: str | None = 
         else:
             c, s = objs[0].split()
             objs = [f"{rng.choice([x for x in COLORS if x != c])} {s}"]
-        return world._and([world._article(o) for o in objs])
-    vocab = [v for v in world._vocab(fam) if v != answer] or ["unknown"]
+        return world.join_and([world.with_article(o) for o in objs])
+    vocab = [v for v in world.answer_vocab(fam) if v != answer] or ["unknown"]
     return rng.choice(vocab)
 
 

@@ -15,6 +15,9 @@ weights as an uninterrupted run (tested).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -238,10 +241,6 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     ckpt_dir = Path(out_dir) / "checkpoints"
     # checkpoints resume only the same run: another config, data or set of trainable weights
     # would load mismatched optimizer state (or silently mix two runs)
-    import dataclasses
-    import hashlib
-    import json
-
     fingerprint = hashlib.sha256(json.dumps({
         "train": dataclasses.asdict(tcfg), "seed": seed, "max_steps": max_steps, "examples": len(dataset),
         "tokens": dataset.n_tokens,

@@ -104,7 +104,7 @@ def region_name(x: float, y: float, size: int) -> str:
     return f"{row} {col}".strip() or "center"
 
 
-def _where(region: str) -> str:
+def where_phrase(region: str) -> str:
     return "in the center" if region == "center" else f"at the {region}"
 
 
@@ -315,11 +315,11 @@ def _name(o: dict[str, Any]) -> str:
     return f"{o['color']} {o['shape']}"
 
 
-def _and(items: list[str]) -> str:
+def join_and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _article(word: str) -> str:
+def with_article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -337,7 +337,7 @@ def fam_color(rng: random.Random, size: int, font: str | None) -> Result:
         "The {s} {w} is {c}. The answer is {c}.",
         "Looking at the {s} {w}, it is filled with {c}. The answer is {c}.",
         "There is a {c} {s} {w}. So the answer is {c}.",
-    ]).format(s=o["shape"], w=_where(o["region"]), c=o["color"])
+    ]).format(s=o["shape"], w=where_phrase(o["region"]), c=o["color"])
     scene["query"] = {"type": "color_of", "shape": o["shape"]}
     return scene, q, o["color"], resp
 
@@ -372,7 +372,7 @@ def fam_count(rng: random.Random, size: int, font: str | None) -> Result:
     if n == 0:
         resp = f"I do not see any {noun} in the image. The answer is 0."
     else:
-        listing = _and([f"{_article(_name(o))} {_where(o['region'])}" for o in sorted(hits, key=lambda o: o["x"])])
+        listing = join_and([f"{with_article(_name(o))} {where_phrase(o['region'])}" for o in sorted(hits, key=lambda o: o["x"])])
         resp = f"I count {n} {noun if n != 1 else noun.rstrip('s')}: {listing}. The answer is {n}."
     scene["query"] = query
     return scene, q, str(n), resp
@@ -400,7 +400,7 @@ def fam_spatial(rng: random.Random, size: int, font: str | None) -> Result:
             q = rng.choice(["Is the {a} above or below the {b}?",
                             "Is the {a} positioned above or below the {b}?"]).format(a=_name(a), b=_name(b))
             rel = ans
-        resp = (f"The {_name(a)} is {_where(a['region'])} and the {_name(b)} is {_where(b['region'])}, "
+        resp = (f"The {_name(a)} is {where_phrase(a['region'])} and the {_name(b)} is {where_phrase(b['region'])}, "
                 f"so the {_name(a)} is {rel} the {_name(b)}. The answer is {ans}.")
         scene["query"] = {"type": mode, "a": _name(a), "b": _name(b)}
         return scene, q, ans, resp
@@ -414,7 +414,7 @@ def fam_spatial(rng: random.Random, size: int, font: str | None) -> Result:
     word = {"left": "furthest to the left", "right": "furthest to the right", "top": "closest to the top",
             "bottom": "closest to the bottom"}[side]
     q = rng.choice(["Which shape is {w}?", "What is the shape {w} in the image?"]).format(w=word)
-    resp = f"The {_name(o)} is {_where(o['region'])}, {word} of all the shapes. The answer is {o['shape']}."
+    resp = f"The {_name(o)} is {where_phrase(o['region'])}, {word} of all the shapes. The answer is {o['shape']}."
     scene["query"] = {"type": "extreme", "side": side}
     return scene, q, o["shape"], resp
 
@@ -453,7 +453,7 @@ def fam_ocr(rng: random.Random, size: int, font: str | None) -> Result:
     q = rng.choice([f"What {kind} is written in the image?", "What does the text in the image say?",
                     "Read the text shown in the picture."])
     t = scene["text"]
-    resp = f"The image shows the {kind} \"{text}\" written in {t['color']} {_where(t['region'])}. The answer is {text}."
+    resp = f"The image shows the {kind} \"{text}\" written in {t['color']} {where_phrase(t['region'])}. The answer is {text}."
     scene["query"] = {"type": "read"}
     return scene, q, text, resp
 
@@ -498,7 +498,7 @@ def fam_table(rng: random.Random, size: int, font: str | None) -> Result:
         v = max(row)
         q = rng.choice(["What is the largest number in row {r}?", "Which value is the highest in row {r}?"]).format(
             r=t["rows"][i])
-        resp = f"Row {t['rows'][i]} holds {_and([str(x) for x in row])}; the largest is {v}. The answer is {v}."
+        resp = f"Row {t['rows'][i]} holds {join_and([str(x) for x in row])}; the largest is {v}. The answer is {v}."
         scene["query"] = {"type": "row_max", "row": t["rows"][i]}
     return scene, q, str(v), resp
 
@@ -514,14 +514,14 @@ def fam_choice(rng: random.Random, size: int, font: str | None) -> Result:
         options = rng.sample([c for c in COLORS if c != correct], 3) + [correct]
         stem = f"What color is the {o['shape']}?"
         scene["query"] = {"type": "choice_color", "shape": o["shape"]}
-        why = f"The {o['shape']} {_where(o['region'])} is {correct}"
+        why = f"The {o['shape']} {where_phrase(o['region'])} is {correct}"
     else:
         correct = o["shape"]
         options = rng.sample([s for s in SHAPES if s != correct], 3) + [correct]
-        stem = rng.choice([f"What is the shape of the {o['color']} object {_where(o['region'])}?",
-                           f"Which shape is {o['color']} and {_where(o['region'])}?"])
+        stem = rng.choice([f"What is the shape of the {o['color']} object {where_phrase(o['region'])}?",
+                           f"Which shape is {o['color']} and {where_phrase(o['region'])}?"])
         scene["query"] = {"type": "choice_shape", "color": o["color"], "region": o["region"]}
-        why = f"The {o['color']} object {_where(o['region'])} is {_article(correct)}"
+        why = f"The {o['color']} object {where_phrase(o['region'])} is {with_article(correct)}"
         # the colour and region must pin down one object
         if sum(1 for x in scene["objects"] if x["color"] == o["color"] and x["region"] == o["region"]) > 1:
             return None
@@ -541,9 +541,9 @@ def fam_caption(rng: random.Random, size: int, font: str | None) -> Result:
     objs = sorted(scene["objects"], key=lambda o: o["x"])
     q = rng.choice(["Describe the objects in the image.", "List every shape in the picture with its color.",
                     "What objects are shown in this image?"])
-    answer = _and([_article(_name(o)) for o in objs])
-    resp = "From left to right, the image shows " + _and(
-        [f"{_article(_name(o))} {_where(o['region'])}" for o in objs]) + "."
+    answer = join_and([with_article(_name(o)) for o in objs])
+    resp = "From left to right, the image shows " + join_and(
+        [f"{with_article(_name(o))} {where_phrase(o['region'])}" for o in objs]) + "."
     scene["query"] = {"type": "caption"}
     return scene, q, answer, resp
 
@@ -559,7 +559,7 @@ def fam_size(rng: random.Random, size: int, font: str | None) -> Result:
     o = (max if big else min)(scene["objects"], key=lambda o: o["r"])
     word = "largest" if big else "smallest"
     q = rng.choice([f"Which shape is the {word}?", f"What is the {word} shape in the image?"])
-    resp = f"Comparing their sizes, the {_name(o)} {_where(o['region'])} is the {word}. The answer is {o['shape']}."
+    resp = f"Comparing their sizes, the {_name(o)} {where_phrase(o['region'])} is the {word}. The answer is {o['shape']}."
     scene["query"] = {"type": word}
     return scene, q, o["shape"], resp
 
@@ -645,10 +645,10 @@ def dense_caption(scene: dict[str, Any]) -> str:
     kind = scene["kind"]
     if kind == "shapes":
         objs = sorted(scene["objects"], key=lambda o: o["x"])
-        return "The image shows " + _and([f"{_article(o['size'] + ' ' + _name(o))} {_where(o['region'])}" for o in objs]) + "."
+        return "The image shows " + join_and([f"{with_article(o['size'] + ' ' + _name(o))} {where_phrase(o['region'])}" for o in objs]) + "."
     if kind == "text":
         t = scene["text"]
-        return f"The image shows the text \"{t['value']}\" in {t['color']} {_where(t['region'])}."
+        return f"The image shows the text \"{t['value']}\" in {t['color']} {where_phrase(t['region'])}."
     if kind == "chart":
         c = scene["chart"]
         return (f"A {c['color']} bar chart with {len(c['bars'])} bars: "
@@ -667,7 +667,7 @@ def follow_up(scene: dict[str, Any], rng: random.Random) -> tuple[str, str]:
         o = rng.choice(objs)
         options = [
             ("How many shapes are there in total?", f"There are {len(objs)} shapes. The answer is {len(objs)}."),
-            (f"Where is the {_name(o)}?", f"The {_name(o)} is {_where(o['region'])}. The answer is {o['region']}."),
+            (f"Where is the {_name(o)}?", f"The {_name(o)} is {where_phrase(o['region'])}. The answer is {o['region']}."),
         ]
         if sum(x["shape"] == o["shape"] for x in objs) == 1:
             options.append((f"And what color is the {o['shape']}?", f"The {o['shape']} is {o['color']}. The answer is {o['color']}."))
@@ -676,7 +676,7 @@ def follow_up(scene: dict[str, Any], rng: random.Random) -> tuple[str, str]:
         t = scene["text"]
         return rng.choice([
             ("What color is the text?", f"The text is written in {t['color']}. The answer is {t['color']}."),
-            ("Where is the text in the image?", f"The text is {_where(t['region'])}. The answer is {t['region']}."),
+            ("Where is the text in the image?", f"The text is {where_phrase(t['region'])}. The answer is {t['region']}."),
         ])
     if kind == "chart":
         bars = scene["chart"]["bars"]
@@ -784,13 +784,13 @@ def describe(scene: dict[str, Any]) -> str:
     head = f"A {s}x{s} image."
     kind = scene["kind"]
     if kind == "shapes":
-        parts = [f"{_article(o['size'] + ' ' + _name(o))} {_where(o['region'])} (center x={o['x']:.0f}, "
+        parts = [f"{with_article(o['size'] + ' ' + _name(o))} {where_phrase(o['region'])} (center x={o['x']:.0f}, "
                  f"y={o['y']:.0f}, radius {o['r']:.0f})" for o in scene["objects"]]
         return f"{head} It contains {len(parts)} shape{'s' if len(parts) != 1 else ''}: " + "; ".join(parts) + "."
     if kind == "text":
         t = scene["text"]
         b = t["bbox"]
-        return (f"{head} The text \"{t['value']}\" is written in {t['color']} {_where(t['region'])} "
+        return (f"{head} The text \"{t['value']}\" is written in {t['color']} {where_phrase(t['region'])} "
                 f"(box x={b[0]:.0f}-{b[2]:.0f}, y={b[1]:.0f}-{b[3]:.0f}).")
     if kind == "chart":
         c = scene["chart"]
@@ -808,7 +808,7 @@ def describe(scene: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Answer checking: the objective judge used by every later stage.
 
-_ANSWER_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
+ANSWER_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
 _NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 _SYNONYMS = [(r"\bcolour", "color"), (r"\bgrey\b", "gray"), (r"\bupper\b", "top"), (r"\blower\b", "bottom"),
              (r"\btop-left\b", "top left"), (r"\btop-right\b", "top right"),
@@ -819,7 +819,7 @@ def extract_answer(text: str) -> str:
     """The final answer inside a long response: the text after the last 'answer is'/'answer:',
     up to the end of that sentence; otherwise the last sentence."""
     text = text.strip()
-    matches = list(_ANSWER_RE.finditer(text))
+    matches = list(ANSWER_RE.finditer(text))
     if matches:
         span = matches[-1].group(1)
         # an answer ends at a sentence break; keep decimals such as 3.5
@@ -840,7 +840,7 @@ def normalize(text: str) -> str:
     return " ".join(t.split())
 
 
-def _numbers(text: str) -> list[float]:
+def numbers_in(text: str) -> list[float]:
     t = text.lower()
     out: list[tuple[int, float]] = [(m.start(), float(m.group().replace(",", ""))) for m in _NUM_RE.finditer(t)]
     for k, w in enumerate(NUMBER_WORDS):
@@ -854,7 +854,7 @@ def _singular(t: str) -> str:
     return t
 
 
-def _objects(text: str) -> Counter:
+def objects_in(text: str) -> Counter:
     """(colour, shape) mentions in a caption, e.g. 'two red circles' counts twice."""
     t = _singular(normalize(text))
     found: Counter = Counter()
@@ -866,7 +866,7 @@ def _objects(text: str) -> Counter:
     return found
 
 
-def _vocab(family: str) -> list[str]:
+def answer_vocab(family: str) -> list[str]:
     if family in ("color",):
         return list(COLORS)
     if family in ("spatial",):
@@ -896,22 +896,22 @@ def is_correct(family: str, prediction: str, answer: str) -> bool:
     if not isinstance(prediction, str) or not prediction.strip():
         return False
     if family == "caption":
-        return _objects(prediction) == _objects(answer) and bool(_objects(answer))
+        return objects_in(prediction) == objects_in(answer) and bool(objects_in(answer))
     span = extract_answer(prediction)
     if family == "choice":
         # without an 'answer is' marker the letter usually leads ('B. red'), so read it all
-        span = span if _ANSWER_RE.search(prediction) else prediction.strip()
+        span = span if ANSWER_RE.search(prediction) else prediction.strip()
         m = re.search(r"(?:^|[\s(\[])([A-D])(?:$|[\s).:,\]])", " " + span + " ") or \
             re.search(r"(?:option|letter|choice)\s*\(?([a-d])\b", span, re.IGNORECASE) or \
             re.fullmatch(r"\s*\(?([a-d])\)?\.?\s*", span)
         return bool(m) and m.group(1).upper() == answer.strip().upper()
     if re.fullmatch(r"-?\d+(?:\.\d+)?", answer.strip()):
-        nums = _numbers(span)
+        nums = numbers_in(span)
         return bool(nums) and math.isclose(nums[-1], float(answer), abs_tol=1e-9)
     pred, gold = _singular(normalize(span)), _singular(normalize(answer))
     if pred == gold:
         return True
-    vocab = _vocab(family)
+    vocab = answer_vocab(family)
     found = {w for w in vocab if re.search(rf"\b{re.escape(w)}\b", pred)}
     # 'top left' also contains 'left': keep only the longest phrases
     found = {w for w in found if not any(w != v and w in v for v in found)}

@@ -277,3 +277,11 @@ def test_a_failing_endpoint_stops_the_run_with_a_clear_message(smoke_root, tmp_p
     assert "'transient' failures" in proc.stderr and "exceed annotator.max_failure_rate=0.2" in proc.stderr
     stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
     assert stats["failures"]["transient"] >= 1  # what failed is on disk for the user
+
+
+def test_rejects_survive_a_rerun(tmp_path):
+    first, second = annotate.GenStats(), annotate.GenStats()
+    annotate._save_failures(tmp_path, first, [{"id": "a", "class": "unparsable", "raw": "oops"}])
+    annotate._save_failures(tmp_path, second, [{"id": "b", "class": "truncated", "raw": "cut"}])
+    lines = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["a", "b"]  # the first run's raw text is still there

@@ -317,7 +317,7 @@ def test_dense_caption_and_follow_ups_are_true_to_the_scene(family):
         cap = world.dense_caption(s.scene)
         kind = s.scene["kind"]
         if kind == "shapes":
-            assert world._objects(cap) == world._objects(" and ".join(f"a {o['color']} {o['shape']}" for o in s.scene["objects"]))
+            assert world.objects_in(cap) == world.objects_in(" and ".join(f"a {o['color']} {o['shape']}" for o in s.scene["objects"]))
         elif kind == "chart":
             assert all(f"{b['label']} is {b['value']}" in cap for b in s.scene["chart"]["bars"])
         elif kind == "table":
