@@ -470,6 +470,31 @@ def dialogue_record(row: dict[str, Any], turns: list[dict[str, Any]], rid: str, 
             "turns": turns, "meta": {"prompt_version": PROMPT_VERSION}}
 
 
+def first_responses(model, processor, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The base VLM's greedy first answers (its base prompt), as stage 02 starts its dialogues."""
+    from fire_core import models, prompts
+
+    convs = [prompts.base_messages([(r["question"], "")])[:-1] for r in rows]
+    out = models.generate(model, processor, convs, [r["image"].convert("RGB") for r in rows],
+                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [f if f.strip() else "I am not sure." for f in out]
+
+
+def gold_dialogues(rows, model, processor, cfg) -> list[dict[str, Any]]:
+    """Oracle dialogues on held-out world rows (val/test/unseen), starting from the base VLM's
+    first answers: the gold dialogues of fixed-dialogue evaluation. Never used for training."""
+    rows = list(rows)
+    firsts = first_responses(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size)
+    out = []
+    for r, first in zip(rows, firsts, strict=True):
+        turns = oracle_dialogue(_sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
+                                cfg.seed, cfg.annotator.fix_prob)
+        rec = dialogue_record(r, turns, request_id(r["id"], "gold", cfg.seed), source="world/oracle-gold")
+        rec["image"] = f"world/{r['split']}/{r['id']}"
+        out.append(rec)
+    return out
+
+
 def build_fire100k(cfg) -> Fire100kResult:
     """Stage 02: generate, filter and describe the FIRE-100K analog."""
     import time

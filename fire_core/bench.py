@@ -12,6 +12,11 @@ second of training over the fp32 GEMM peak).
 ``generate_data``: FIRE-100K dialogues per second for the oracle backend in process, and for
 the openai backend against the local server (``fire_core.serve``, 50 ms added per request so
 that concurrency matters) at concurrency 1 and 16.
+``simulate``: the dialogue engine (batched, refilled, KV cache kept between turns) against a
+sequential loop that runs one dialogue at a time with a full re-encode per turn (as the
+official FIRE chat class does), on the same student and teacher (stage 04 and 03 models at
+scale=default when they exist, else untrained default-size models) and the same samples:
+dialogues/s, generated tokens/s, their ratio ``speedup``, and where the engine's time goes.
 """
 
 from __future__ import annotations
@@ -227,8 +232,70 @@ def bench_generate_data(n: int = 96, server_delay: float = 0.05) -> dict:
     return out
 
 
+def bench_simulate(n_engine: int = 192, n_sequential: int = 32, batch_sizes=(32, 64)) -> dict:
+    from dataclasses import replace
+
+    import torch
+
+    from fire_core import annotate, dialogue, models
+
+    torch.set_num_threads(2)
+    cfg = config.load("05_simulate_fire1m", ["scale=default"])
+    s_dir, t_dir = cfg.stage_dir("04_train_student") / "model", cfg.stage_dir("03_train_teacher") / "model"
+    trained = (cfg.stage_dir("04_train_student") / "DONE").is_file() and (cfg.stage_dir("03_train_teacher") / "DONE").is_file()
+    if trained:
+        (sm, sp), (tm, tp) = models.load(s_dir), models.load(t_dir)
+        rows = world.load(cfg)["val"]
+        rows = rows.select(range(0, len(rows), max(1, len(rows) // n_engine)))
+        samples = list(dialogue.world_samples(rows.select(range(min(n_engine, len(rows)))),
+                                              lambda i: annotate.request_id(i, "bench")))
+    else:  # no trained models yet: same-size untrained ones (they talk nonsense, but the cost is real)
+        log.warning("no stage 03/04 models at scale=default; benchmarking untrained models of the same size")
+        c, _, _, sp = _default_kit()
+        sm = models.build_model(c.model, sp)
+        tm, tp = models.build_model(c.model, sp), sp
+        made = [world.make_sample(f, "val", i, 0, c.world.image_size) for i in range(n_engine)
+                for f in c.world.seen_families][:n_engine]
+        samples = [{"id": m.id, "request_id": m.id, "question": m.question, "answer": m.answer, "family": m.family,
+                    "split": "val", "image": m.image} for m in made]
+    d = cfg.dialogue
+    student = dialogue.hf_role("student", sm, sp, d.student_max_new_tokens)
+    teacher = dialogue.hf_role("teacher", tm, tp, d.teacher_max_new_tokens)
+    dialogue.run(samples[:4], student, teacher, d, cfg.seed, progress=False)  # warm-up
+    seq = dialogue.sequential(samples[:n_sequential], student, teacher, d, cfg.seed)
+    out = {"benchmark": "simulate", "trained_models": trained, "threshold": d.threshold, "max_turns": d.max_turns,
+           "student_max_new_tokens": d.student_max_new_tokens, "teacher_max_new_tokens": d.teacher_max_new_tokens,
+           "sequential": {"dialogues": len(seq.records), "seconds": round(seq.timing["total"], 2),
+                          "dialogues_per_s": round(seq.dialogues_per_s, 3), "tokens_per_s": round(seq.tokens_per_s, 1),
+                          "turns": sum(len(r["turns"]) for r in seq.records)}}
+    seq_by_id = {r["id"]: r["turns"] for r in seq.records}
+    for bs in batch_sizes:
+        res = dialogue.run(samples, replace(student, generator=None), replace(teacher, generator=None),
+                           replace(d, batch_size=bs), cfg.seed, progress=False)
+        same = sum(1 for r in res.records if r["id"] in seq_by_id and
+                   [(t["response"], t["score"]) for t in r["turns"]] ==
+                   [(t["response"], t["score"]) for t in seq_by_id[r["id"]]])
+        total = res.timing["total"]
+        out[f"engine_batch{bs}"] = {
+            "dialogues": len(res.records), "seconds": round(total, 2), "steps": res.steps,
+            "turns": sum(len(r["turns"]) for r in res.records),
+            "dialogues_per_s": round(res.dialogues_per_s, 3), "tokens_per_s": round(res.tokens_per_s, 1),
+            "speedup": round(res.dialogues_per_s / seq.dialogues_per_s, 2),
+            "token_speedup": round(res.tokens_per_s / seq.tokens_per_s, 2),
+            "time_share": {k: round(res.timing[k] / total, 3) for k in ("student", "teacher", "other")},
+            "same_dialogues_as_sequential": f"{same}/{len(seq.records)}"}
+    # what the KV cache buys: the same engine with a full re-encode per turn
+    plain = dialogue.run(samples, replace(student, cache_prefix=False), replace(teacher, cache_prefix=False),
+                         replace(d, batch_size=batch_sizes[0]), cfg.seed, progress=False)
+    out[f"engine_batch{batch_sizes[0]}_no_prefix_cache"] = {
+        "seconds": round(plain.timing["total"], 2), "dialogues_per_s": round(plain.dialogues_per_s, 3),
+        "speedup": round(plain.dialogues_per_s / seq.dialogues_per_s, 2),
+        "time_share": {k: round(plain.timing[k] / plain.timing["total"], 3) for k in ("student", "teacher", "other")}}
+    return out
+
+
 BENCHMARKS = {"world": bench_world, "train": bench_train, "generate": bench_generate,
-              "generate_data": bench_generate_data}
+              "generate_data": bench_generate_data, "simulate": bench_simulate}
 
 
 def main() -> None:

@@ -147,6 +147,7 @@ class TrainConfig:
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
+    group_by_length: bool = False  # batches of similar length: less padding for dialogues of 1-5 turns
 
     def __post_init__(self) -> None:
         _check(self.method in ("full", "lora"), "train.method", f"must be 'full' or 'lora', got '{self.method}'")
@@ -215,7 +216,24 @@ class DialogueConfig:
     score_max: int = 10
     threshold: int = 8
     max_turns: int = 5
-    batch_size: int = 32
+    batch_size: int = 32  # dialogues in flight in the engine; finished ones are replaced at once
+    # Who plays each role in the engine (stages 04-06): a local HF model, any OpenAI-compatible
+    # endpoint (GPT-4o, a vLLM server, fire_core.serve), or for the teacher the oracle.
+    student: str = "hf"  # hf | openai
+    teacher: str = "hf"  # hf | openai | oracle
+    student_endpoint: str | None = None  # base_url when student=openai
+    student_model: str | None = None  # model name at that endpoint
+    teacher_endpoint: str | None = None
+    teacher_model: str | None = None
+    concurrency: int = 8  # requests in flight per role (openai)
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    student_max_new_tokens: int = 64  # responses average ~18 words
+    teacher_max_new_tokens: int = 48  # "Score: N" and ~13 words of feedback
+    cache_prefix: bool = True  # keep each dialogue's KV cache between turns (local models)
+    samples_per_family: int = 0  # stage 05: new train samples per seen family (0: all unused)
+    heldout_fraction: float = 0.05  # stages 03-05: FIRE-100K dialogues kept out of training
+    refine_per_family: int = 20  # stage 04: val samples per family for the first refinement look
 
     def __post_init__(self) -> None:
         _check(self.score_min < self.score_max, "dialogue.score_min",
@@ -224,6 +242,28 @@ class DialogueConfig:
                f"must lie on the score scale [{self.score_min}, {self.score_max}], got {self.threshold}")
         _check(self.max_turns >= 1, "dialogue.max_turns", f"must be >= 1, got {self.max_turns}")
         _check(self.batch_size >= 1, "dialogue.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.student in ("hf", "openai"), "dialogue.student", f"must be 'hf' or 'openai', got '{self.student}'")
+        _check(self.teacher in ("hf", "openai", "oracle"), "dialogue.teacher",
+               f"must be 'hf', 'openai' or 'oracle', got '{self.teacher}'")
+        for role in ("student", "teacher"):
+            url = getattr(self, f"{role}_endpoint")
+            if getattr(self, role) == "openai":
+                _check(url is not None, f"dialogue.{role}_endpoint", f"is needed when dialogue.{role}=openai")
+                _check(getattr(self, f"{role}_model") is not None, f"dialogue.{role}_model",
+                       f"is needed when dialogue.{role}=openai")
+            if url is not None:
+                _check(re.match(r"^https?://", url) is not None, f"dialogue.{role}_endpoint",
+                       f"must be an http(s) URL, got '{url}'")
+        _check(self.concurrency >= 1, "dialogue.concurrency", f"must be >= 1, got {self.concurrency}")
+        _check(self.timeout_s > 0, "dialogue.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.max_retries >= 0, "dialogue.max_retries", f"must be >= 0, got {self.max_retries}")
+        for k in ("student_max_new_tokens", "teacher_max_new_tokens"):
+            _check(getattr(self, k) >= 1, f"dialogue.{k}", f"must be >= 1, got {getattr(self, k)}")
+        _check(self.samples_per_family >= 0, "dialogue.samples_per_family",
+               f"must be >= 0, got {self.samples_per_family}")
+        _check(0 < self.heldout_fraction < 1, "dialogue.heldout_fraction",
+               f"must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.refine_per_family >= 1, "dialogue.refine_per_family", f"must be >= 1, got {self.refine_per_family}")
 
 
 @dataclass

@@ -1,14 +1,29 @@
-"""Evaluation: answer accuracy with the world's checker (later: FIRE-Bench metrics).
+"""Evaluation: answer accuracy, the free-dialogue metrics, text metrics and the teacher's
+fixed-dialogue scores.
 
     rows = eval.qa_predictions(model, processor, records, max_new_tokens=64)
     table = eval.accuracy_table(rows)        # per split and family, with counts
+    eval.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
+    eval.text_metrics({"a": "look left"}, {"a": "look at the left"})   # BLEU_1..4, CIDEr
 
-``records`` are world rows (``question``, ``answer``, ``family``, ``split``, ``image``);
-each prediction is judged by ``fire_core.world.is_correct``.
+Free-dialogue metrics (FIRE; score scale 1-10, threshold tau = 8, at most N = 5 turns). A
+dialogue d has scores s_1..s_T, T <= N, and stops at the first s_t >= tau:
+
+- AT, average turn (lower is better): mean of t*, the first turn with s_t >= tau, or N + 1 when
+  no turn reaches tau.
+- ADR, average dialogue refinement: mean of s_T - s_1.
+- ATR, average turn refinement: mean over dialogues with T > 1 of (s_T - s_1) / (T - 1).
+- RR, refinement ratio: share of all dialogues with s_1 < tau and s_T >= tau.
+  RR_conditional: the same count over the dialogues with s_1 < tau.
+A teacher reply whose score could not be read ends the dialogue; its score counts as the
+bottom of the scale (it is not satisfied) and is reported separately as ``unparsable``.
+With ground truth, ``truth_metrics`` uses "the answer is correct" in place of s_t >= tau.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,12 +33,16 @@ from fire_core import models, prompts, world
 
 
 def qa_predictions(model, processor, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
-                   batch_size: int = 32, desc: str = "answering") -> list[dict[str, Any]]:
-    """Greedy single-turn answers for world records, judged by the answer checker."""
+                   batch_size: int = 32, desc: str = "answering", prompt: str = "base") -> list[dict[str, Any]]:
+    """Greedy single-turn answers for world records, judged by the answer checker. ``prompt``
+    is 'base' (the base VLM's chat) or 'student' (a student's first turn)."""
+    if prompt not in ("base", "student"):
+        raise ValueError(f"prompt must be 'base' or 'student', got '{prompt}'")
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         chunk = records[start:start + batch_size]
-        convs = [prompts.base_messages([(r["question"], "")])[:-1] for r in chunk]
+        convs = [prompts.base_messages([(r["question"], "")])[:-1] if prompt == "base"
+                 else prompts.student_prompt(r["question"], []) for r in chunk]
         preds = models.generate(model, processor, convs, [r["image"] for r in chunk],
                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
         for r, p in zip(chunk, preds, strict=True):
@@ -42,3 +61,155 @@ def accuracy_table(rows: Sequence[dict[str, Any]]):
     total = df.groupby("split").agg(n=("correct", "size"), accuracy=("correct", "mean")).reset_index()
     total["family"] = "all"
     return pd.concat([per, total[per.columns]], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Free-dialogue metrics
+
+
+def free_metrics(dialogues: Sequence[Sequence[int | None]], threshold: int = 8, max_turns: int = 5,
+                 score_min: int = 1) -> dict[str, float]:
+    """AT, ADR, ATR, RR, RR_conditional and n over dialogues given as score lists (see the
+    module docstring). ``None`` (an unparsable score) counts as ``score_min``."""
+    n = len(dialogues)
+    if n == 0:
+        raise ValueError("no dialogues to score")
+    at = adr = 0.0
+    atr: list[float] = []
+    refined = first_below = unparsable = 0
+    for k, raw in enumerate(dialogues):
+        if len(raw) == 0:
+            raise ValueError(f"dialogue {k} has no scores")
+        if len(raw) > max_turns:
+            raise ValueError(f"dialogue {k} has {len(raw)} turns, more than max_turns={max_turns}")
+        unparsable += sum(s is None for s in raw)
+        s = [score_min if x is None else x for x in raw]
+        hit = next((t for t, x in enumerate(s, 1) if x >= threshold), None)
+        at += hit if hit is not None else max_turns + 1
+        adr += s[-1] - s[0]
+        if len(s) > 1:
+            atr.append((s[-1] - s[0]) / (len(s) - 1))
+        if s[0] < threshold:
+            first_below += 1
+            refined += s[-1] >= threshold
+    return {"AT": at / n, "ADR": adr / n, "ATR": sum(atr) / len(atr) if atr else 0.0, "RR": refined / n,
+            "RR_conditional": refined / first_below if first_below else 0.0, "n": n,
+            "n_first_below": first_below, "n_multi_turn": len(atr), "unparsable": unparsable}
+
+
+def truth_metrics(correct: Sequence[Sequence[bool]], max_turns: int = 5) -> dict[str, float]:
+    """The same with "satisfied" decided by the ground-truth checker: AT over the first correct
+    turn, RR and RR_conditional over dialogues wrong at turn 1, accuracy at turn 1 and at the
+    last turn."""
+    n = len(correct)
+    if n == 0:
+        raise ValueError("no dialogues to score")
+    at = sum(next((t for t, c in enumerate(cs, 1) if c), max_turns + 1) for cs in correct) / n
+    wrong_first = [cs for cs in correct if not cs[0]]
+    fixed = sum(1 for cs in wrong_first if any(cs[1:]))
+    return {"AT_truth": at, "RR_truth": fixed / n, "RR_truth_conditional": fixed / len(wrong_first) if wrong_first else 0.0,
+            "accuracy_turn1": sum(bool(cs[0]) for cs in correct) / n,
+            "accuracy_final": sum(any(cs) for cs in correct) / n, "n": n}
+
+
+def dialogue_metrics(records: Sequence[dict[str, Any]], threshold: int = 8, max_turns: int = 5) -> dict[str, float]:
+    """Both sets of metrics for engine records (``turns`` with ``score`` and ``correct``)."""
+    scores = [[t["score"] for t in r["turns"]] for r in records]
+    correct = [[bool(t["correct"]) for t in r["turns"]] for r in records]
+    return {**free_metrics(scores, threshold, max_turns), **truth_metrics(correct, max_turns)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text metrics (pycocoevalcap's BLEU and CIDEr; lower-cased, punctuation split off)
+
+
+def _tokens(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()))
+
+
+def text_metrics(predictions: dict[str, str], references: dict[str, str | list[str]]) -> dict[str, float]:
+    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    missing = set(predictions) ^ set(references)
+    if missing:
+        raise ValueError(f"predictions and references differ in {len(missing)} ids, e.g. {sorted(missing)[:3]}")
+    if not predictions:
+        return {f"BLEU_{k}": math.nan for k in range(1, 5)} | {"CIDEr": math.nan}
+    res = {k: [_tokens(v) or "<empty>"] for k, v in predictions.items()}
+    gts = {k: [_tokens(x) or "<empty>" for x in ([v] if isinstance(v, str) else v)] for k, v in references.items()}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {**{f"BLEU_{k}": float(b) for k, b in enumerate(bleu, 1)}, "CIDEr": float(cider)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher in fixed dialogues: each gold teacher turn predicted from the gold history
+
+
+def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any],
+                  max_new_tokens: int = 48, batch_size: int = 32, score_min: int = 1, score_max: int = 10,
+                  desc: str = "teacher turns") -> list[dict[str, Any]]:
+    """One row per gold teacher turn: the predicted score and feedback against the gold ones.
+    ``images`` maps dialogue id to its image. Turns are run in order, so each dialogue's KV
+    cache carries over from one turn to the next."""
+    from tqdm.auto import tqdm
+
+    from fire_core import feedback
+
+    gen = models.PrefixCachedGenerator(model, processor, max_new_tokens)
+    rows: list[dict[str, Any]] = []
+    max_t = max((len(d["turns"]) for d in dialogues), default=0)
+    jobs = [(k, d) for k in range(max_t) for d in dialogues if k < len(d["turns"])]
+    try:
+        for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
+            chunk = jobs[start:start + batch_size]
+            convs = []
+            for k, d in chunk:
+                hist = [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in d["turns"][:k]]
+                convs.append(prompts.teacher_prompt(d["question"], d["answer"], hist, d["turns"][k]["response"]))
+            texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
+            for (k, d), text in zip(chunk, texts, strict=True):
+                gold = d["turns"][k]
+                p = prompts.parse_teacher(text, score_min, score_max)
+                rows.append({
+                    "id": d["id"], "family": d["task"], "turn": k + 1, "gold_score": gold["score"],
+                    "score": p.score, "parsable": p.parsable,
+                    "abs_error": abs(p.score - gold["score"]) if p.parsable else 10,
+                    "gold_feedback": gold["feedback"], "feedback": p.feedback, "raw": text,
+                    "leaked": (not gold.get("correct", False))
+                    and feedback.leaks_answer(p.feedback, d["answer"], d["task"], d["question"])})
+    finally:
+        gen.cache.clear()
+    return rows
+
+
+def teacher_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Score MAE (an unparsable score is an error of 10, as in FIRE's evaluation), the share
+    and count of unparsable replies ("failed to follow"), the share of feedback that states
+    the answer, and BLEU/CIDEr of the feedback text."""
+    n = len(rows)
+    if n == 0:
+        raise ValueError("no teacher turns to summarise")
+    text = text_metrics({f"{r['id']}#{r['turn']}": r["feedback"] for r in rows},
+                        {f"{r['id']}#{r['turn']}": r["gold_feedback"] for r in rows})
+    return {"n": n, "score_mae": sum(r["abs_error"] for r in rows) / n,
+            "failed_to_follow": sum(not r["parsable"] for r in rows),
+            "unparsable_share": sum(not r["parsable"] for r in rows) / n,
+            "leak_share": sum(bool(r["leaked"]) for r in rows) / n, **text}
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], n_bootstrap: int = 1000, ci: float = 0.95,
+                      seed: int = 0) -> dict[str, float]:
+    """mean(b) - mean(a) on the same items, with a paired bootstrap confidence interval."""
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError("paired_difference needs two equally long, non-empty lists")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_bootstrap, len(x)))
+    diffs = y[idx].mean(1) - x[idx].mean(1)
+    lo, hi = np.quantile(diffs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return {"difference": float(y.mean() - x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}

@@ -110,7 +110,13 @@ def teacher_reply(turn: Turn) -> str:
 
 
 def _teacher_first(question: str, answer: str, response: str) -> str:
-    return f"Question: {question}\nCorrect answer: {answer}\nStudent response: {response}"
+    return f"Question: {question}\nStudent response: {response}\nCorrect answer: {answer}"
+
+
+def _teacher_next(answer: str, response: str) -> str:
+    # the correct answer again after each new response, right before the reply: the comparison
+    # the score rests on is then local, which a small model learns far more easily
+    return f"Student response: {response}\nCorrect answer: {answer}"
 
 
 def teacher_messages(question: str, answer: str, turns: list[Turn], train: bool = True) -> list[dict[str, Any]]:
@@ -120,7 +126,7 @@ def teacher_messages(question: str, answer: str, turns: list[Turn], train: bool 
         if k == 0:
             msgs.append(_user_image(_teacher_first(question, answer, t.response)))
         else:
-            msgs.append(_msg("user", f"Student response: {t.response}"))
+            msgs.append(_msg("user", _teacher_next(answer, t.response)))
         msgs.append(_msg("assistant", teacher_reply(t), train=train))
     return msgs
 
@@ -129,7 +135,7 @@ def teacher_prompt(question: str, answer: str, history: list[Turn], response: st
     """Messages that ask the teacher to judge ``response``, given earlier judged turns."""
     msgs = teacher_messages(question, answer, history, train=False)
     if history:
-        msgs.append(_msg("user", f"Student response: {response}"))
+        msgs.append(_msg("user", _teacher_next(answer, response)))
     else:
         msgs.append(_user_image(_teacher_first(question, answer, response)))
     return msgs

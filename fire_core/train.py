@@ -93,6 +93,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.encoded = [encode(e.messages, processor.tokenizer, self.n_image, max_length) for e in self.examples]
         self.n_trainable_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE) for e in self.encoded)
         self.n_tokens = sum(len(e["input_ids"]) for e in self.encoded)
+        self.lengths = [len(e["input_ids"]) for e in self.encoded]  # for length-grouped batches
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -203,6 +204,17 @@ def _trainer_class():
             model.load_state_dict(saved.state_dict(), strict=True)
             log.info("restored weights from %s", resume_from_checkpoint)
 
+        def _get_train_sampler(self, train_dataset=None):
+            """Length-grouped batches from the lengths the dataset already knows (the stock
+            sampler would decode every image to measure them)."""
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=ds.lengths)
+            return super()._get_train_sampler(train_dataset)
+
     return FireTrainer
 
 
@@ -264,6 +276,7 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         seed=seed, data_seed=seed, use_cpu=True, bf16=tcfg.bf16, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, deepspeed=tcfg.deepspeed,
         optim="adamw_torch", disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor),
                                 callbacks=list(callbacks))
@@ -505,3 +518,273 @@ def train_base_vlm(cfg) -> BaseResult:
                 "first_loss": vision.losses[0], "last_loss": vision.losses[-1],
                 "heldout_patch_accuracy": vision.patch_accuracy}
     return BaseResult(dir=run.dir, model_dir=model_dir, accuracy=acc, predictions=preds, fit=result, params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 03-05: teacher, FIRE100K student, FIRE student (all start from the base VLM)
+
+
+def load_base(cfg, base_dir: Path):
+    """The base VLM of stage 01: the saved tiny model, or the pretrained model it names."""
+    from fire_core import models
+
+    if (base_dir / "model" / "PRETRAINED").is_file():
+        return models.load_pretrained(cfg.model)
+    return models.load(base_dir / "model")
+
+
+def dialogue_turns(record: dict[str, Any]):
+    from fire_core import prompts
+
+    return [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in record["turns"]]
+
+
+def teacher_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
+    """Teacher chats: the prompt holds the question and the ground truth; loss on every reply."""
+    from fire_core import prompts
+
+    return [Example(prompts.teacher_messages(r["question"], r["answer"], dialogue_turns(r)),
+                    (lambda i=r["id"]: image_of(i)), {"id": r["id"], "family": r["task"]}) for r in records]
+
+
+def student_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
+    """Student chats: responses with the feedback between them; loss on every response. The
+    student never sees the ground truth or the scores."""
+    from fire_core import prompts
+
+    return [Example(prompts.student_messages(r["question"], dialogue_turns(r)),
+                    (lambda i=r["id"]: image_of(i)), {"id": r["id"], "family": r["task"]}) for r in records]
+
+
+def is_heldout(dialogue_id: str, fraction: float) -> bool:
+    """A fixed, seed-free split of FIRE-100K by id, the same in stages 03, 04 and 05."""
+    return int(hashlib.sha256(f"heldout:{dialogue_id}".encode()).hexdigest(), 16) % 10_000 < fraction * 10_000
+
+
+def load_fire100k(cfg, solved_first: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """FIRE-100K's dialogues split into (train, held out). With ``solved_first`` the training
+    part also gets the dialogues that stage 02 generated but FIRE's filter dropped because the
+    first answer was already right: a teacher that never saw a right first answer learns to
+    score by turn position (turn 1 low, turn 2 high) instead of by the answer."""
+    from fire_core import annotate, provenance
+
+    d = provenance.require_stage(cfg, "02_generate_fire100k")
+    recs = [json.loads(line) for line in open(d / "fire100k.jsonl")]
+    held = [r for r in recs if is_heldout(r["id"], cfg.dialogue.heldout_fraction)]
+    train = [r for r in recs if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]
+    if solved_first:
+        kept = {r["id"] for r in recs}
+        extra = {}
+        for r in annotate.ShardStore(d / "raw", cfg.annotator.n_shards).records():
+            if (r["id"] not in kept and r.get("meta", {}).get("prompt_version") == annotate.PROMPT_VERSION
+                    and not is_heldout(r["id"], cfg.dialogue.heldout_fraction)
+                    and annotate.filter_reason(r, cfg.dialogue.threshold) == "no_improvement"):
+                extra[r["id"]] = r
+        train += [extra[k] for k in sorted(extra)]
+    return train, held
+
+
+def image_lookup(split_ds) -> Callable[[str], Image.Image]:
+    index = {i: k for k, i in enumerate(split_ds["id"])}
+
+    def image_of(sample_id: str) -> Image.Image:
+        if sample_id not in index:
+            raise KeyError(f"image '{sample_id}' is not in the world's {split_ds.split} split; rebuild stage 00")
+        return split_ds[index[sample_id]]["image"].convert("RGB")
+
+    return image_of
+
+
+def _loss_plot(result: FitResult, run, cfg, title: str) -> None:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from fire_core import plots
+
+    pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(run.dir / "loss.csv", index=False)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    steps, losses = zip(*result.losses, strict=True)
+    ax.plot(steps, losses)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
+
+
+def _fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: Path, title: str):
+    """Train a copy of the base VLM on ``examples``; returns the FitResult and the processor."""
+    from fire_core import models
+
+    model, processor = load_base(cfg, base_dir)
+    if cfg.train.freeze_vision:
+        freeze_vision(model)
+    dataset = SFTDataset(examples, processor, cfg.model.max_length)
+    log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
+             dataset.n_trainable_tokens)
+    result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir)
+    shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
+    _loss_plot(result, run, cfg, title)
+    run.extra.update({"train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(dataset),
+                      "tokens": result.tokens, "trained_tokens": result.trainable_tokens,
+                      "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
+                      "resumed_from": result.resumed_from, "params": models.param_count(result.model)})
+    return result, processor
+
+
+@dataclass
+class TeacherResult:
+    dir: Path
+    model_dir: Path
+    summary: Any  # DataFrame: group (seen / unseen / family), n, score_mae, unparsable_share, ...
+    turns: list[dict[str, Any]]
+    fit: FitResult
+
+
+def train_teacher(cfg) -> TeacherResult:
+    """Stage 03: the feedback model, trained on FIRE-100K's teacher turns, then evaluated turn by
+    turn on held-out FIRE-100K dialogues (seen families) and oracle dialogues on the unseen
+    families (never trained on)."""
+    import pandas as pd
+
+    from fire_core import annotate, provenance, world
+    from fire_core import eval as evaluate
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    ds = world.load(cfg)
+    train_recs, held = load_fire100k(cfg, solved_first=True)
+    image_of = image_lookup(ds["train"])
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model", f100_dir / "fire100k.jsonl",
+                                           f100_dir / "raw"]) as run:
+        model_dir = run.dir / "model"
+        result, processor = _fit_from_base(cfg, base_dir, teacher_examples(train_recs, image_of), run, model_dir,
+                                           "Teacher")
+        # gold dialogues on the unseen families, from the base VLM's first answers
+        base, base_proc = load_base(cfg, base_dir)
+        uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.eval_per_family, cfg.seed)
+        unseen_rows = list(ds["unseen"].select(sorted(uidx)))
+        unseen = annotate.gold_dialogues(unseen_rows, base, base_proc, cfg)
+        del base
+        images = {r["id"]: image_of(r["id"]) for r in held}
+        images.update({r["id"]: r["image"].convert("RGB") for r in unseen_rows})
+        turns = evaluate.teacher_fixed(result.model, processor, held + unseen, images,
+                                       cfg.dialogue.teacher_max_new_tokens, cfg.dialogue.batch_size,
+                                       cfg.dialogue.score_min, cfg.dialogue.score_max)
+        seen_fams = set(cfg.world.seen_families)
+        for t in turns:
+            t["seen"] = t["family"] in seen_fams
+        rows = []
+        for name, sel in (("seen", [t for t in turns if t["seen"]]), ("unseen", [t for t in turns if not t["seen"]])):
+            if sel:
+                rows.append({"group": name, **evaluate.teacher_summary(sel)})
+        for fam in [*cfg.world.seen_families, *cfg.world.unseen_families]:
+            sel = [t for t in turns if t["family"] == fam]
+            if sel:
+                rows.append({"group": fam, **evaluate.teacher_summary(sel)})
+        summary = pd.DataFrame(rows)
+        summary.to_csv(run.dir / "teacher_eval.csv", index=False, float_format="%.4f")
+        with open(run.dir / "teacher_turns.jsonl", "w") as fh:
+            for t in turns:
+                fh.write(json.dumps(t) + "\n")
+        with open(run.dir / "gold_unseen.jsonl", "w") as fh:
+            for r in unseen:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        head = summary.set_index("group")
+        run.extra.update({"train_dialogues": len(train_recs), "heldout_dialogues": len(held),
+                          "unseen_gold_dialogues": len(unseen),
+                          "eval": {g: {k: float(head.loc[g, k]) for k in ("score_mae", "unparsable_share", "leak_share",
+                                                                          "BLEU_4", "CIDEr")}
+                                   for g in ("seen", "unseen") if g in head.index}})
+    return TeacherResult(dir=run.dir, model_dir=model_dir, summary=summary, turns=turns, fit=result)
+
+
+
+@dataclass
+class StudentResult:
+    dir: Path
+    model_dir: Path
+    first_turn: Any  # DataFrame: family, n, base, student
+    first_turn_difference: dict[str, float]
+    refinement: Any  # DataFrame: model, AT, ADR, ATR, RR, ... (engine with the trained teacher)
+    fit: FitResult
+
+
+def first_turn_report(cfg, model, processor, run, base_dir: Path, ds, name: str):
+    """First-turn accuracy on val against the base VLM's stage-01 answers to the same samples."""
+    import pandas as pd
+
+    from fire_core import eval as evaluate
+
+    idx = select_per_family(ds["val"], cfg.world.seen_families, cfg.train.eval_per_family, cfg.seed)
+    rows = list(ds["val"].select(sorted(idx)))
+    preds = evaluate.qa_predictions(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size,
+                                    desc=f"{name} first turns", prompt="student")
+    base_preds = {p["id"]: p for p in map(json.loads, open(base_dir / "predictions.jsonl")) if p["split"] == "val"}
+    if not all(p["id"] in base_preds for p in preds):  # stage 01 evaluated other samples: answer them again
+        base, base_proc = load_base(cfg, base_dir)
+        base_preds = {p["id"]: p for p in evaluate.qa_predictions(base, base_proc, rows, cfg.train.max_new_tokens,
+                                                                   cfg.dialogue.batch_size, desc="base first turns")}
+    with open(run.dir / "first_turn_predictions.jsonl", "w") as fh:
+        for p in preds:
+            fh.write(json.dumps(p) + "\n")
+    df = pd.DataFrame([{"family": p["family"], "base": base_preds[p["id"]]["correct"], name: p["correct"]}
+                       for p in preds])
+    table = df.groupby("family").agg(n=("base", "size"), base=("base", "mean"), **{name: (name, "mean")}).reset_index()
+    table = pd.concat([pd.DataFrame([{"family": "all", "n": len(df), "base": df.base.mean(), name: df[name].mean()}]),
+                       table], ignore_index=True)
+    diff = evaluate.paired_difference(df.base.tolist(), df[name].tolist(), cfg.bench.n_bootstrap, cfg.bench.ci, cfg.seed)
+    table.to_csv(run.dir / "first_turn_accuracy.csv", index=False, float_format="%.4f")
+    return table, diff, rows
+
+
+def train_student(cfg) -> StudentResult:
+    """Stage 04: the FIRE100K student, trained on FIRE-100K's student turns; first-turn accuracy
+    against the base VLM, and a first look at refinement with the trained teacher."""
+    import pandas as pd
+
+    from fire_core import annotate, dialogue, provenance, world
+    from fire_core import eval as evaluate
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    teacher_dir = provenance.require_stage(cfg, "03_train_teacher")
+    ds = world.load(cfg)
+    train_recs, _ = load_fire100k(cfg)
+    image_of = image_lookup(ds["train"])
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model", f100_dir / "fire100k.jsonl",
+                                           teacher_dir / "model"]) as run:
+        model_dir = run.dir / "model"
+        result, processor = _fit_from_base(cfg, base_dir, student_examples(train_recs, image_of), run, model_dir,
+                                           "FIRE100K student")
+        table, diff, rows = first_turn_report(cfg, result.model, processor, run, base_dir, ds, "fire100k_student")
+        # a first look at refinement: base and student, each with the trained teacher
+        from fire_core import models
+
+        teacher, t_proc = models.load(teacher_dir / "model")
+        base, b_proc = load_base(cfg, base_dir)
+        look = sorted(select_per_family(ds["val"], cfg.world.seen_families, cfg.dialogue.refine_per_family, cfg.seed + 4))
+        look_rows = ds["val"].select(look)
+        metrics, dialogs = [], []
+        for name, m, p in (("base", base, b_proc), ("fire100k_student", result.model, processor)):
+            s_role, t_role = dialogue.roles_from_config(cfg.dialogue, m, p, teacher, t_proc, student_name=name)
+            rid = lambda i, name=name: annotate.request_id(i, "refine-look", name)  # noqa: E731
+            res = dialogue.run(dialogue.world_samples(look_rows, rid), s_role, t_role, cfg.dialogue, cfg.seed,
+                               total=len(look_rows))
+            metrics.append({"model": name, **evaluate.dialogue_metrics(res.records, cfg.dialogue.threshold,
+                                                                       cfg.dialogue.max_turns),
+                            "seconds": round(res.timing["total"], 1)})
+            dialogs += res.records
+        refinement = pd.DataFrame(metrics)
+        refinement.to_csv(run.dir / "refinement_first_look.csv", index=False, float_format="%.4f")
+        with open(run.dir / "refinement_dialogues.jsonl", "w") as fh:
+            for r in dialogs:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        run.extra.update({"train_dialogues": len(train_recs), "first_turn_accuracy": table.iloc[0].to_dict(),
+                          "first_turn_difference": diff,
+                          "refinement_first_look": refinement.set_index("model")[["AT", "ADR", "ATR", "RR"]].to_dict("index")})
+    return StudentResult(dir=run.dir, model_dir=model_dir, first_turn=table, first_turn_difference=diff,
+                         refinement=refinement, fit=result)

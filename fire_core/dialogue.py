@@ -1,0 +1,504 @@
+"""The dialogue engine: a student and a teacher talk about many images at once (stages 04-06).
+
+    student = dialogue.hf_role("fire100k", model, processor)
+    teacher = dialogue.hf_role("teacher", t_model, t_processor)      # or oracle_role(), openai_role(...)
+    result = dialogue.run(samples, student, teacher, cfg.dialogue, seed=0, store=ShardStore(d))
+    result.records        # one record per finished dialogue; result.timing: student/teacher/other s
+
+Each step, the student answers for every active dialogue in one batched call, then the teacher
+judges all of them in one batched call. A dialogue ends at the first score >= ``threshold``
+(``satisfied``), after ``max_turns`` student turns (``max_turns``), or when the teacher's reply
+has no score (``unparsable``); its slot is refilled from the queue at once, so the batch stays
+full. Local models keep each dialogue's KV cache between turns
+(:class:`fire_core.models.PrefixCachedGenerator`), so a turn prefills only what is new.
+
+Greedy decoding gives the same dialogues whatever the batch size, and the oracle's randomness is
+seeded per dialogue and turn, so a run killed midway and rerun on the unfinished samples gives
+the same set (tested). :func:`sequential` runs one dialogue at a time with a full re-encode per
+turn, as the official FIRE chat class does: the baseline of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fire_core import feedback, models, prompts, world
+
+log = logging.getLogger(__name__)
+STOP_REASONS = ("satisfied", "max_turns", "unparsable")
+
+
+@dataclass
+class Role:
+    """Who plays a role. ``kind`` is 'hf' (a local model), 'openai' (an OpenAI-compatible
+    endpoint) or 'oracle' (teacher only: the scene-reading annotator)."""
+
+    kind: str
+    name: str
+    model: Any = None
+    processor: Any = None
+    base_url: str | None = None
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    max_new_tokens: int = 64
+    cache_prefix: bool = True
+    generator: Any = None  # PrefixCachedGenerator, made on first use
+
+    def tokens(self, text: str) -> int:
+        """Generated tokens in ``text`` (+1 for the end token); words for remote roles."""
+        if self.processor is not None:
+            return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        return len(text.split()) + 1
+
+
+def hf_role(name: str, model, processor, max_new_tokens: int = 64, cache_prefix: bool = True) -> Role:
+    return Role("hf", name, model=model, processor=processor, max_new_tokens=max_new_tokens,
+                cache_prefix=cache_prefix)
+
+
+def oracle_role() -> Role:
+    return Role("oracle", "oracle")
+
+
+def openai_role(name: str, base_url: str, concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 4,
+                max_new_tokens: int = 64) -> Role:
+    return Role("openai", name, base_url=base_url, concurrency=concurrency, timeout_s=timeout_s,
+                max_retries=max_retries, max_new_tokens=max_new_tokens)
+
+
+def roles_from_config(dcfg, student_model=None, student_processor=None, teacher_model=None,
+                      teacher_processor=None, student_name: str = "student", teacher_name: str = "teacher"):
+    """The two roles that ``cfg.dialogue`` asks for; local models are passed in by the caller."""
+    if dcfg.student == "openai":
+        student = openai_role(dcfg.student_model, dcfg.student_endpoint, dcfg.concurrency, dcfg.timeout_s,
+                              dcfg.max_retries, dcfg.student_max_new_tokens)
+    else:
+        student = hf_role(student_name, student_model, student_processor, dcfg.student_max_new_tokens,
+                          dcfg.cache_prefix)
+    if dcfg.teacher == "oracle":
+        teacher = oracle_role()
+    elif dcfg.teacher == "openai":
+        teacher = openai_role(dcfg.teacher_model, dcfg.teacher_endpoint, dcfg.concurrency, dcfg.timeout_s,
+                              dcfg.max_retries, dcfg.teacher_max_new_tokens)
+    else:
+        teacher = hf_role(teacher_name, teacher_model, teacher_processor, dcfg.teacher_max_new_tokens,
+                          dcfg.cache_prefix)
+    return student, teacher
+
+
+# ---------------------------------------------------------------------------------------------
+# One batched call per role
+
+
+def _openai_messages(conv: list[dict[str, Any]], data_url: str) -> list[dict[str, Any]]:
+    out = []
+    for m in conv:
+        c = m["content"]
+        if isinstance(c, str):
+            out.append({"role": m["role"], "content": c})
+        else:
+            out.append({"role": m["role"], "content": [
+                {"type": "image_url", "image_url": {"url": data_url}} if p["type"] == "image"
+                else {"type": "text", "text": p["text"]} for p in c]})
+    return out
+
+
+async def _openai_batch(role: Role, messages: list[list[dict[str, Any]]], failures: Counter) -> list[str | None]:
+    """Concurrent chat completions with retries (429 honours Retry-After; 5xx, timeouts and
+    malformed bodies back off and retry); None for a request that still failed."""
+    import asyncio
+    import os
+
+    import openai
+
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise RuntimeError(f"the '{role.name}' role uses an OpenAI-compatible endpoint and needs the "
+                           "OPENAI_API_KEY environment variable (never put keys in configs or notebooks)")
+    client = openai.AsyncOpenAI(base_url=role.base_url, api_key=key, timeout=role.timeout_s, max_retries=0)
+    sem = asyncio.Semaphore(role.concurrency)
+
+    async def one(msgs) -> str | None:
+        for attempt in range(role.max_retries + 1):
+            wait = 0.5 * 2 ** attempt
+            try:
+                async with sem:
+                    resp = await client.chat.completions.create(model=role.name, messages=msgs, temperature=0.0,
+                                                                max_tokens=role.max_new_tokens)
+                return resp.choices[0].message.content or ""
+            except openai.RateLimitError as exc:
+                failures["rate_limited"] += 1
+                ra = exc.response.headers.get("retry-after") if exc.response is not None else None
+                wait = float(ra) if ra else wait
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError):
+                failures["transient"] += 1
+            except openai.APIStatusError as exc:
+                if exc.status_code < 500:
+                    failures["bad_request"] += 1
+                    log.warning("%s: request rejected: %s", role.name, exc)
+                    return None
+                failures["transient"] += 1
+            except (openai.APIResponseValidationError, ValueError):
+                failures["malformed_body"] += 1
+            if attempt < role.max_retries:
+                await asyncio.sleep(min(wait, 30.0))
+        failures["gave_up"] += 1
+        return None
+
+    try:
+        return list(await asyncio.gather(*(one(m) for m in messages)))
+    finally:
+        await client.close()
+
+
+def _generate(role: Role, keys: list[Any], convs: list[list[dict[str, Any]]], states: list[_State],
+              failures: Counter) -> list[str | None]:
+    if role.kind == "hf":
+        if role.cache_prefix:
+            if role.generator is None:
+                role.generator = models.PrefixCachedGenerator(role.model, role.processor, role.max_new_tokens)
+            return role.generator(keys, convs, [s.image for s in states])
+        return models.generate(role.model, role.processor, convs, [s.image for s in states],
+                               max_new_tokens=role.max_new_tokens, batch_size=len(convs))
+    if role.kind == "openai":
+        from fire_core.annotate import run_async
+
+        return run_async(_openai_batch(role, [_openai_messages(c, s.data_url()) for c, s in zip(convs, states, strict=True)],
+                                       failures))
+    raise ValueError(f"role kind '{role.kind}' cannot generate")
+
+
+def _forget(role: Role, key: Any) -> None:
+    if role.generator is not None:
+        role.generator.drop(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _State:
+    sample: dict[str, Any]
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    _url: str | None = None
+
+    @property
+    def image(self):
+        return self.sample["image"]
+
+    @property
+    def key(self) -> str:
+        return self.sample["request_id"]
+
+    def history(self) -> list[prompts.Turn]:
+        return [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in self.turns]
+
+    def data_url(self) -> str:
+        if self._url is None:
+            from fire_core.annotate import image_data_url
+
+            self._url = image_data_url(self.image)
+        return self._url
+
+
+@dataclass
+class EngineResult:
+    records: list[dict[str, Any]]
+    timing: dict[str, float]  # seconds: student, teacher, other, total
+    steps: int
+    student_tokens: int
+    teacher_tokens: int
+    failures: Counter
+    stops: Counter
+
+    @property
+    def dialogues_per_s(self) -> float:
+        return len(self.records) / max(self.timing["total"], 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.student_tokens + self.teacher_tokens) / max(self.timing["total"], 1e-9)
+
+
+def oracle_judge(sample: dict[str, Any], response: str, earlier: list[str], seed: int) -> dict[str, Any]:
+    """The oracle teacher's reply, seeded per dialogue and turn (batch-independent)."""
+    from fire_core.annotate import request_id
+
+    rng = random.Random(request_id(seed, sample["id"], len(earlier), "oracle-teacher"))
+    j = feedback.judge(sample, response, history=earlier, rng=rng)
+    return {"score": j.score, "feedback": j.feedback, "parsable": True, "raw": prompts.teacher_reply(
+        prompts.Turn(response, j.score, j.feedback))}
+
+
+def make_record(state: _State, stop: str, student: Role, teacher: Role, source: str) -> dict[str, Any]:
+    s = state.sample
+    return {"id": s["id"], "request_id": s["request_id"], "image": f"world/{s.get('split', 'train')}/{s['id']}",
+            "question": s["question"], "answer": s["answer"], "task": s["family"], "split": s.get("split", "train"),
+            "source": source, "turns": state.turns, "stop": stop,
+            "meta": {"student": student.name, "teacher": teacher.name}}
+
+
+def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, seed: int, store=None,
+        source: str | None = None, progress: bool = True, total: int | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None) -> EngineResult:
+    """Run student x teacher dialogues over ``samples`` (dicts with id, request_id, question,
+    answer, family, image (PIL), and for the oracle scene/response). Finished dialogues go to
+    ``store`` (a ShardStore) as they end; the caller skips request ids already there."""
+    from tqdm.auto import tqdm
+
+    source = source or f"{student.name}x{teacher.name}"
+    queue: Iterator[dict[str, Any]] = iter(samples)
+    active: list[_State] = []
+    records: list[dict[str, Any]] = []
+    timing = {"student": 0.0, "teacher": 0.0, "other": 0.0}
+    failures: Counter = Counter()
+    stops: Counter = Counter()
+    tokens = {"student": 0, "teacher": 0}
+    steps = 0
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, desc=f"dialogues {source}", unit="dlg", disable=not progress)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(active) < dcfg.batch_size:
+                nxt = next(queue, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    active.append(_State(nxt))
+            if not active:
+                break
+            steps += 1
+            keys = [s.key for s in active]
+            # the student answers for every active dialogue
+            t0 = time.perf_counter()
+            convs = [prompts.student_prompt(s.sample["question"], s.history()) for s in active]
+            responses = _generate(student, keys, convs, active, failures)
+            t1 = time.perf_counter()
+            timing["student"] += t1 - t0
+            # the teacher judges all of them
+            ok = [i for i, r in enumerate(responses) if r is not None]
+            replies: list[dict[str, Any] | None] = [None] * len(active)
+            if teacher.kind == "oracle":
+                for i in ok:
+                    s = active[i]
+                    replies[i] = oracle_judge(s.sample, responses[i], [t["response"] for t in s.turns], seed)
+            else:
+                tconvs = [prompts.teacher_prompt(active[i].sample["question"], active[i].sample["answer"],
+                                                 active[i].history(), responses[i]) for i in ok]
+                texts = _generate(teacher, [keys[i] for i in ok], tconvs, [active[i] for i in ok], failures)
+                for i, text in zip(ok, texts, strict=True):
+                    if text is not None:
+                        p = prompts.parse_teacher(text, dcfg.score_min, dcfg.score_max)
+                        replies[i] = {"score": p.score, "feedback": p.feedback, "parsable": p.parsable, "raw": text}
+            t2 = time.perf_counter()
+            timing["teacher"] += t2 - t1
+            still = []
+            for i, s in enumerate(active):
+                if replies[i] is None:  # a remote request failed for good: not written, rerun retries it
+                    failures["dialogues_abandoned"] += 1
+                    _forget(student, s.key)
+                    _forget(teacher, s.key)
+                    bar.update(1)
+                    continue
+                r, rep = responses[i], replies[i]
+                tokens["student"] += student.tokens(r) if student.kind != "oracle" else 0
+                tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
+                s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
+                                "parsable": rep["parsable"], "raw": rep["raw"],
+                                "correct": world.is_correct(s.sample["family"], r, s.sample["answer"])})
+                stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
+                        else "max_turns" if len(s.turns) >= dcfg.max_turns else None)
+                if stop is None:
+                    still.append(s)
+                    continue
+                rec = make_record(s, stop, student, teacher, source)
+                if store is not None:
+                    store.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+                records.append(rec)
+                stops[stop] += 1
+                _forget(student, s.key)
+                _forget(teacher, s.key)
+                bar.update(1)
+            active = still
+            timing["other"] += time.perf_counter() - t2
+    finally:
+        bar.close()
+        for s in active:  # interrupted: nothing cached survives
+            _forget(student, s.key)
+            _forget(teacher, s.key)
+    timing["total"] = time.perf_counter() - t_start
+    timing["other"] = timing["total"] - timing["student"] - timing["teacher"]
+    return EngineResult(records=records, timing=timing, steps=steps, student_tokens=tokens["student"],
+                        teacher_tokens=tokens["teacher"], failures=failures, stops=stops)
+
+
+def sequential(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, seed: int) -> EngineResult:
+    """One dialogue at a time, batch 1, the whole conversation re-encoded every turn (how the
+    official FIRE chat class runs): the baseline the engine is measured against."""
+    from dataclasses import replace
+
+    one = replace(dcfg, batch_size=1)
+    plain_s = replace(student, cache_prefix=False, generator=None)
+    plain_t = replace(teacher, cache_prefix=False, generator=None)
+    return run(samples, plain_s, plain_t, one, seed, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# FIRE-1M's filter and records
+
+
+def filter_reason(record: dict[str, Any], family: str | None = None) -> str | None:
+    """Why the simulation filter drops a dialogue: a teacher reply without a score
+    (``unparsable``), feedback that states the answer (``leaked_answer``), or scores that stop
+    increasing: fewer than two turns, or a turn that does not score above the one before
+    (``not_increasing``)."""
+    turns = record["turns"]
+    if any(not t.get("parsable", True) or t.get("score") is None for t in turns):
+        return "unparsable"
+    fam = family or record["task"]
+    if any(feedback.leaks_answer(t["feedback"], record["answer"], fam, record["question"])
+           for t in turns if not t.get("correct")):
+        return "leaked_answer"
+    scores = [t["score"] for t in turns]
+    if len(scores) < 2 or any(b <= a for a, b in zip(scores, scores[1:], strict=False)):
+        return "not_increasing"
+    return None
+
+
+def world_samples(rows, rid_of: Callable[[str], str], with_scene: bool = True) -> Iterator[dict[str, Any]]:
+    """Engine samples from world rows (decoded lazily, one at a time)."""
+    import json
+
+    for r in rows:
+        s = {"id": r["id"], "request_id": rid_of(r["id"]), "question": r["question"], "answer": r["answer"],
+             "family": r["family"], "split": r["split"], "image": r["image"].convert("RGB"),
+             "response": r["response"], "annotation": r["annotation"]}
+        if with_scene:
+            s["scene"] = json.loads(r["scene"])
+        yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 05: FIRE-1M and the FIRE student
+
+
+@dataclass
+class Fire1mResult:
+    dir: Path
+    kept: list[dict[str, Any]]
+    dropped: Counter
+    stats: Any  # DataFrame: FIRE-100K and FIRE-1M side by side
+    engine: dict[str, Any]
+    fit: Any
+    first_turn: Any
+
+
+def _fire100k_ids(f100_dir: Path) -> set[str]:
+    """Every sample stage 02 asked about (kept or not): FIRE-1M must not reuse them."""
+    return {json.loads(line)["id"] for p in sorted((f100_dir / "raw").glob("part-*.jsonl")) for line in open(p)
+            if line.endswith("\n")}
+
+
+def simulate_fire1m(cfg) -> Fire1mResult:
+    """Stage 05: the trained student and teacher talk about new train samples (FIRE-1M analog),
+    the simulation filter keeps improving dialogues, then the FIRE student is trained from the
+    base VLM on FIRE-100K + FIRE-1M."""
+    import pandas as pd
+
+    from fire_core import annotate, provenance, train
+    from fire_core.annotate import ShardStore, request_id
+
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    t0 = time.time()
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    teacher_dir = provenance.require_stage(cfg, "03_train_teacher")
+    student_dir = provenance.require_stage(cfg, "04_train_student")
+    ds = world.load(cfg)
+    d = cfg.dialogue
+    used = _fire100k_ids(f100_dir)
+    train_ds = ds["train"]
+    fresh = [i for i, sid in enumerate(train_ds["id"]) if sid not in used]
+    sub = train_ds.select(fresh)
+    pick = train.select_per_family(sub, cfg.world.seen_families, d.samples_per_family, cfg.seed + 5)
+    rows = sub.select(sorted(pick))
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", f100_dir / "fire100k.jsonl",
+                                           teacher_dir / "model", student_dir / "model"]) as stage:
+        s_model, s_proc = models.load(student_dir / "model")
+        t_model, t_proc = models.load(teacher_dir / "model")
+        student, teacher = roles_from_config(d, s_model, s_proc, t_model, t_proc, "fire100k_student", "teacher")
+        plan = (student.name, teacher.name, d.threshold, d.max_turns, d.student_max_new_tokens,
+                d.teacher_max_new_tokens, cfg.seed)
+        rid_of = {sid: request_id(sid, "fire1m", *plan) for sid in rows["id"]}
+        store = ShardStore(stage.dir / "raw", cfg.annotator.n_shards)
+        torn = store.repair()
+        done = store.done_ids()
+        todo = [k for k, sid in enumerate(rows["id"]) if rid_of[sid] not in done]
+        log.info("FIRE-1M: %d samples, %d already simulated, %d to go", len(rows), len(rows) - len(todo), len(todo))
+        res = run(world_samples(rows.select(todo), rid_of.__getitem__, with_scene=False), student, teacher, d,
+                  cfg.seed, store=store, source="world/fire1m", total=len(todo))
+        wanted = set(rid_of.values())
+        records = [r for r in store.all_sorted() if r["request_id"] in wanted]
+        dropped: Counter = Counter()
+        kept = []
+        for rec in records:
+            why = filter_reason(rec)
+            if why:
+                dropped[why] += 1
+            else:
+                kept.append(rec)
+        with open(stage.dir / "fire1m.jsonl", "w") as fh:
+            for rec in kept:
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        f100_train, _ = train.load_fire100k(cfg)
+        f100_all = [json.loads(line) for line in open(f100_dir / "fire100k.jsonl")]
+        stats = pd.concat([annotate.statistics(f100_all).assign(dataset="FIRE-100K"),
+                           annotate.statistics(kept).assign(dataset="FIRE-1M")], ignore_index=True)
+        stats = stats[["dataset", *[c for c in stats.columns if c != "dataset"]]]
+        stats.to_csv(stage.dir / "fire1m_stats.csv", index=False, float_format="%.2f")
+        annotate.score_by_turn(kept).to_csv(stage.dir / "score_by_turn.csv")
+        engine = {"samples": len(rows), "simulated_now": len(res.records), "generated": len(records),
+                  "kept": len(kept), "dropped": dict(dropped), "stops": dict(Counter(r["stop"] for r in records)),
+                  "failures": dict(res.failures), "torn_bytes_dropped": torn,
+                  "ratio_to_fire100k": round(len(kept) / max(1, len(f100_all)), 3),
+                  "seconds": round(res.timing["total"], 1),
+                  "timing": {k: round(v, 1) for k, v in res.timing.items()},
+                  "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1),
+                  **dialogue_summary(records, d)}
+        provenance.write_json_atomic(stage.dir / "simulation_stats.json", engine)
+        del s_model, t_model
+        student.generator = teacher.generator = None
+        # the FIRE student: from the base VLM, on FIRE-100K (its training part) + FIRE-1M
+        image_of = train.image_lookup(train_ds)
+        examples = train.student_examples(f100_train + kept, image_of)
+        fit, processor = train._fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student")
+        table, diff, _ = train.first_turn_report(cfg, fit.model, processor, stage, base_dir, ds, "fire_student")
+        stage.extra.update({"simulation": engine, "fire_student_examples": len(examples),
+                          "first_turn_accuracy": table.iloc[0].to_dict(), "first_turn_difference": diff,
+                          "stage_seconds": round(time.time() - t0, 1)})
+    return Fire1mResult(dir=stage.dir, kept=kept, dropped=dropped, stats=stats, engine=engine, fit=fit,
+                        first_turn=table)
+
+
+def dialogue_summary(records: list[dict[str, Any]], dcfg) -> dict[str, Any]:
+    """Free-dialogue metrics of a set of engine records (empty dict when there are none)."""
+    from fire_core import eval as evaluate
+
+    return {"metrics": evaluate.dialogue_metrics(records, dcfg.threshold, dcfg.max_turns)} if records else {}

@@ -1,0 +1,276 @@
+"""fire_core.dialogue and stages 03-05: role masking of teacher vs student data, the engine's
+stop rules on real tiny models, batch-size invariance, the prefix cache, resume after SIGKILL,
+the openai backend against the local server, and the smoke outputs of stages 03-05."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fire_core import annotate, config, dialogue, models, prompts, train, world
+from fire_core import eval as evaluate
+from fire_core.train import IGNORE
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 64
+
+
+def _record(sample, turns):
+    return {"id": sample.id, "question": sample.question, "answer": sample.answer, "task": sample.family,
+            "turns": [{"response": r, "score": s, "feedback": f} for r, s, f in turns]}
+
+
+@pytest.fixture(scope="module")
+def kit():
+    cfg = config.load("03_train_teacher", ["scale=smoke"])
+    samples = [world.make_sample(f, "train", i, 0, SIZE) for f in world.SEEN for i in range(4)]
+    tok = models.train_tokenizer([s.question + "\n" + s.response for s in samples] + prompts.FEEDBACK_HINTS, 600)
+    return cfg, samples, models.build_processor(tok, cfg.model, SIZE)
+
+
+def test_teacher_data_trains_only_the_teacher_and_student_data_only_the_student(kit):
+    _, samples, proc = kit
+    s = next(x for x in samples if x.family == "count")
+    rec = _record(s, [("There are 2 stars. The answer is 2.", 4, "Count the small ones too."),
+                      (s.response, 9, "Correct, well counted.")])
+    tok = proc.tokenizer
+    n_img = models.num_image_tokens(proc, SIZE)
+    image = s.image
+    (teach,) = train.teacher_examples([rec], lambda _: image)
+    (stud,) = train.student_examples([rec], lambda _: image)
+    t_enc = train.encode(teach.messages, tok, n_img, 1024)
+    s_enc = train.encode(stud.messages, tok, n_img, 1024)
+    labelled = lambda enc: tok.decode([t for t in enc["labels"] if t != IGNORE])  # noqa: E731
+    assert labelled(t_enc) == ("Score: 4\nFeedback: Count the small ones too.<|end|>"
+                               "Score: 9\nFeedback: Correct, well counted.<|end|>")
+    assert labelled(s_enc) == f"There are 2 stars. The answer is 2.<|end|>{s.response}<|end|>"
+    t_text, s_text = tok.decode(t_enc["input_ids"]), tok.decode(s_enc["input_ids"])
+    assert f"Correct answer: {s.answer}" in t_text  # the teacher's prompt holds the ground truth
+    assert "Correct answer" not in s_text and "Score:" not in s_text  # the student sees neither
+    assert "Feedback: Count the small ones too." in s_text
+
+
+def test_heldout_split_is_fixed_by_id_and_near_its_fraction():
+    ids = [f"count-train-{i:05d}" for i in range(4000)]
+    held = [i for i in ids if train.is_heldout(i, 0.05)]
+    assert 0.035 < len(held) / len(ids) < 0.065
+    assert held == [i for i in ids if train.is_heldout(i, 0.05)]
+
+
+@pytest.mark.parametrize("scores, reason", [
+    ([3, 5, 9], None), ([9], "not_increasing"), ([3, 3, 9], "not_increasing"), ([4, 6, 5], "not_increasing"),
+    ([3, None], "unparsable")])
+def test_simulation_filter(scores, reason):
+    rec = {"question": "How many?", "answer": "7", "task": "count",
+           "turns": [{"response": "It is 3.", "score": s, "feedback": "Look again.", "parsable": s is not None,
+                      "correct": False} for s in scores]}
+    assert dialogue.filter_reason(rec) == reason
+
+
+def test_simulation_filter_drops_leaked_answers():
+    rec = {"question": "How many?", "answer": "7", "task": "count",
+           "turns": [{"response": "It is 3.", "score": 3, "feedback": "There are 7.", "parsable": True, "correct": False},
+                     {"response": "It is 7.", "score": 9, "feedback": "Yes.", "parsable": True, "correct": True}]}
+    assert dialogue.filter_reason(rec) == "leaked_answer"
+
+
+def test_config_rejects_an_openai_role_without_its_endpoint():
+    with pytest.raises(config.ConfigError, match="dialogue.student_endpoint"):
+        config.load("05_simulate_fire1m", ["dialogue.student=openai"])
+    with pytest.raises(config.ConfigError, match="dialogue.teacher"):
+        config.load("05_simulate_fire1m", ["dialogue.teacher=gpt"])
+
+
+# ----------------------------------------------------------------------------- real tiny models
+
+@pytest.fixture(scope="module")
+def trained(smoke_root):
+    torch.set_num_threads(2)
+    cfg = config.load("05_simulate_fire1m", ["scale=smoke", f"paths.results={smoke_root.parent}"])
+    ds = world.load(cfg)
+    student = models.load(smoke_root / "04_train_student" / "model")
+    teacher = models.load(smoke_root / "03_train_teacher" / "model")
+    rows = ds["val"].select(range(0, len(ds["val"]), max(1, len(ds["val"]) // 12)))
+    samples = list(dialogue.world_samples(rows, lambda i: f"t-{i}"))
+    return cfg, samples, student, teacher
+
+
+def _turns(records):
+    return sorted((r["id"], [(t["response"], t["score"], t["feedback"]) for t in r["turns"]], r["stop"])
+                  for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold, max_turns", [(10, 2), (6, 3), (1, 4)])
+def test_stop_rules_with_a_real_student(trained, threshold, max_turns):
+    cfg, samples, (sm, sp), _ = trained
+    d = replace(cfg.dialogue, threshold=threshold, max_turns=max_turns, batch_size=4)
+    res = dialogue.run(samples, dialogue.hf_role("s", sm, sp, 12), dialogue.oracle_role(), d, seed=0, progress=False)
+    assert len(res.records) == len(samples)
+    for r in res.records:
+        scores = [t["score"] for t in r["turns"]]
+        assert all(s < threshold for s in scores[:-1]), "no dialogue goes on after the threshold"
+        if r["stop"] == "satisfied":
+            assert scores[-1] >= threshold
+        else:
+            assert r["stop"] == "max_turns" and len(scores) == max_turns and scores[-1] < threshold
+    if threshold == 1:
+        assert all(len(r["turns"]) == 1 and r["stop"] == "satisfied" for r in res.records)
+
+
+@pytest.mark.slow
+def test_a_real_teacher_ends_dialogues_by_its_own_replies(trained):
+    cfg, samples, (sm, sp), (tm, tp) = trained
+    d = replace(cfg.dialogue, batch_size=5)
+    res = dialogue.run(samples, dialogue.hf_role("s", sm, sp, 12), dialogue.hf_role("t", tm, tp, 16), d, seed=0,
+                       progress=False)
+    for r in res.records:
+        last = r["turns"][-1]
+        assert last["score"] == prompts.parse_teacher(last["raw"]).score  # the score is the teacher's own
+        assert {"satisfied": last["parsable"] and last["score"] is not None and last["score"] >= d.threshold,
+                "unparsable": not last["parsable"],
+                "max_turns": len(r["turns"]) == d.max_turns}[r["stop"]]
+    assert sum(res.stops.values()) == len(samples)
+
+
+@pytest.mark.slow
+def test_greedy_dialogues_do_not_depend_on_the_batch_size(trained):
+    cfg, samples, (sm, sp), (tm, tp) = trained
+    out = []
+    for bs in (1, 3, 8):
+        d = replace(cfg.dialogue, batch_size=bs, max_turns=3)
+        res = dialogue.run(samples, dialogue.hf_role("s", sm, sp, 12), dialogue.hf_role("t", tm, tp, 16), d,
+                           seed=0, progress=False)
+        out.append(_turns(res.records))
+    assert out[0] == out[1] == out[2]
+
+
+@pytest.mark.slow
+def test_prefix_cache_matches_plain_generation(trained):
+    """Turn 2 from the cache equals a full re-encode of the whole conversation."""
+    _, samples, (sm, sp), _ = trained
+    gen = models.PrefixCachedGenerator(sm, sp, max_new_tokens=12)
+    keys = [s["id"] for s in samples]
+    images = [s["image"] for s in samples]
+    first = [prompts.student_prompt(s["question"], []) for s in samples]
+    got1 = gen(keys, first, images)
+    second = [prompts.student_prompt(s["question"], [prompts.Turn(r, 3, "Look again at the left side.")])
+              for s, r in zip(samples, got1, strict=True)]
+    got2 = gen(keys, second, images)
+    assert gen.reused_tokens > 0  # turn 2 reused turn 1's cache
+    assert got1 == models.generate(sm, sp, first, images, max_new_tokens=12)
+    assert got2 == models.generate(sm, sp, second, images, max_new_tokens=12)
+    with pytest.raises(ValueError, match="same length"):
+        gen(keys[:1], first, images)
+
+
+# ----------------------------------------------------------------------------- stage 05 end to end
+
+def _copy_inputs(smoke_root: Path, dst: Path) -> Path:
+    for stage in ("00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_train_teacher", "04_train_student"):
+        shutil.copytree(smoke_root / stage, dst / "smoke" / stage)
+    return dst
+
+
+def _simulate(root: Path, extra=(), env=None, wait=True):
+    code = ("import sys; from fire_core import config, dialogue; "
+            "dialogue.simulate_fire1m(config.load('05_simulate_fire1m', sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", *extra]
+    kw = dict(cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return subprocess.Popen(cmd, **kw)
+    proc = subprocess.run(cmd, **kw, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_fire1m_sigkill_then_rerun_gives_the_same_set(smoke_root, tmp_path):
+    d = smoke_root / "05_simulate_fire1m"
+    reference = (d / "fire1m.jsonl").read_text()
+    raw_ref = sorted(json.loads(line)["request_id"] for p in (d / "raw").glob("*.jsonl") for line in p.open())
+    root = _copy_inputs(smoke_root, tmp_path)
+    raw = root / "smoke" / "05_simulate_fire1m" / "raw"
+    proc = _simulate(root, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.stat().st_size for p in raw.glob("*.jsonl")):
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = sum(1 for p in raw.glob("*.jsonl") for _ in p.open())
+    assert 0 < written < len(raw_ref), "killed mid-simulation"
+    _simulate(root)
+    out = root / "smoke" / "05_simulate_fire1m"
+    assert (out / "fire1m.jsonl").read_text() == reference
+    assert sorted(json.loads(line)["request_id"] for p in raw.glob("*.jsonl") for line in p.open()) == raw_ref
+    stats = json.loads((out / "simulation_stats.json").read_text())
+    assert stats["simulated_now"] == len(raw_ref) - written  # only the unfinished ones ran again
+
+
+def _server(*args):
+    from test_annotate import _server as start
+
+    return start(*args)
+
+
+@pytest.mark.slow
+def test_openai_backend_simulation_against_the_local_server(trained, smoke_root, monkeypatch):
+    """Both roles served over HTTP give the same dialogues as the same models in process."""
+    cfg, samples, (sm, sp), (tm, tp) = trained
+    server, port = _server("--model", f"student={smoke_root / '04_train_student' / 'model'}",
+                           "--model", f"teacher={smoke_root / '03_train_teacher' / 'model'}",
+                           "--fault-429", "0.1", "--fault-500", "0.1", "--seed", "3")
+    monkeypatch.setenv("OPENAI_API_KEY", "local-test-key")
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        d = replace(cfg.dialogue, batch_size=4, max_turns=3)
+        remote = dialogue.run(samples[:6], dialogue.openai_role("student", url, 4, 60, 8, 12),
+                              dialogue.openai_role("teacher", url, 4, 60, 8, 16), d, seed=0, progress=False)
+    finally:
+        server.kill()
+    local = dialogue.run(samples[:6], dialogue.hf_role("student", sm, sp, 12, cache_prefix=False),
+                         dialogue.hf_role("teacher", tm, tp, 16, cache_prefix=False), d, seed=0, progress=False)
+    assert _turns(remote.records) == _turns(local.records)
+    assert remote.failures["rate_limited"] + remote.failures["transient"] > 0  # faults were met and retried
+    assert remote.failures["gave_up"] == 0
+
+
+@pytest.mark.slow
+def test_smoke_outputs_of_stages_03_to_05(smoke_root):
+    import pandas as pd
+
+    t = pd.read_csv(smoke_root / "03_train_teacher" / "teacher_eval.csv")
+    assert {"unseen"} <= set(t.group) and ((t.score_mae >= 0) & (t.score_mae <= 10)).all()
+    for stage in ("03_train_teacher", "04_train_student", "05_simulate_fire1m"):
+        loss = pd.read_csv(smoke_root / stage / "loss.csv")
+        assert loss.loss.iloc[-1] < loss.loss.iloc[0], f"{stage} learned something"
+    first = pd.read_csv(smoke_root / "04_train_student" / "first_turn_accuracy.csv")
+    assert first.family.iloc[0] == "all" and first.n.iloc[0] > 0
+    look = pd.read_csv(smoke_root / "04_train_student" / "refinement_first_look.csv")
+    assert list(look.model) == ["base", "fire100k_student"] and (look.AT >= 1).all()
+    d = smoke_root / "05_simulate_fire1m"
+    stats = json.loads((d / "simulation_stats.json").read_text())
+    assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values()) == stats["samples"]
+    f100 = {json.loads(line)["id"] for p in (smoke_root / "02_generate_fire100k" / "raw").glob("*.jsonl")
+            for line in p.open()}
+    f1m = [json.loads(p) for p in (d / "fire1m.jsonl").read_text().splitlines()]
+    assert not f100 & {json.loads(line)["id"] for p in (d / "raw").glob("*.jsonl") for line in p.open()}
+    assert all(dialogue.filter_reason(r) is None for r in f1m)
+    assert (d / "fire_student" / "config.json").is_file()
+    models.load(d / "fire_student")
+    m = evaluate.dialogue_metrics  # the simulation's own metrics are recomputable from raw
+    raw = [json.loads(line) for p in sorted((d / "raw").glob("*.jsonl")) for line in p.open()]
+    assert stats["metrics"]["AT"] == pytest.approx(m(raw, 8, 5)["AT"])
+    assert annotate.statistics(f1m).dialogues.iloc[0] == len(f1m)
