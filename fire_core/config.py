@@ -270,8 +270,17 @@ class DialogueConfig:
 class BenchConfig:
     n_bootstrap: int = 1000  # resamples for the 95% confidence intervals
     ci: float = 0.95
+    per_family: int = 40  # FIRE-Bench test samples per family (seen test split and unseen families)
+    extra_student_endpoint: str | None = None  # an OpenAI-compatible endpoint as one more student
+    extra_student_model: str | None = None
 
     def __post_init__(self) -> None:
+        _check(self.per_family >= 1, "bench.per_family", f"must be >= 1, got {self.per_family}")
+        _check((self.extra_student_endpoint is None) == (self.extra_student_model is None), "bench.extra_student_model",
+               "bench.extra_student_endpoint and bench.extra_student_model go together")
+        if self.extra_student_endpoint is not None:
+            _check(re.match(r"^https?://", self.extra_student_endpoint) is not None, "bench.extra_student_endpoint",
+                   f"must be an http(s) URL, got '{self.extra_student_endpoint}'")
         _check(self.n_bootstrap >= 1, "bench.n_bootstrap", f"must be >= 1, got {self.n_bootstrap}")
         _check(0 < self.ci < 1, "bench.ci", f"must be in (0, 1), got {self.ci}")
 

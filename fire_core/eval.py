@@ -6,6 +6,13 @@ fixed-dialogue scores.
     eval.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
     eval.text_metrics({"a": "look left"}, {"a": "look at the left"})   # BLEU_1..4, CIDEr
 
+From the shell (one JSON object on stdout; a malformed line is rejected, naming its number):
+
+    python -m fire_core.eval free --dialogues d.jsonl [--threshold 8] [--max-turns 5]
+        # lines {"id": ..., "scores": [s1, s2, ...], "correct": [true, ...] (optional)}
+    python -m fire_core.eval text --predictions p.jsonl --references r.jsonl
+        # lines {"id": ..., "text": ...}; several reference lines may share an id
+
 Free-dialogue metrics (FIRE; score scale 1-10, threshold tau = 8, at most N = 5 turns). A
 dialogue d has scores s_1..s_T, T <= N, and stops at the first s_t >= tau:
 
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -127,8 +134,10 @@ def _tokens(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()))
 
 
-def text_metrics(predictions: dict[str, str], references: dict[str, str | list[str]]) -> dict[str, float]:
-    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids)."""
+def text_metrics(predictions: dict[str, str], references: dict[str, str | list[str]],
+                 meteor_rouge: bool = False) -> dict[str, float]:
+    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids); with
+    ``meteor_rouge`` also METEOR (pycocoevalcap's Java scorer) and ROUGE_L."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -136,12 +145,20 @@ def text_metrics(predictions: dict[str, str], references: dict[str, str | list[s
     if missing:
         raise ValueError(f"predictions and references differ in {len(missing)} ids, e.g. {sorted(missing)[:3]}")
     if not predictions:
-        return {f"BLEU_{k}": math.nan for k in range(1, 5)} | {"CIDEr": math.nan}
+        extra = {"METEOR": math.nan, "ROUGE_L": math.nan} if meteor_rouge else {}
+        return {f"BLEU_{k}": math.nan for k in range(1, 5)} | {"CIDEr": math.nan} | extra
     res = {k: [_tokens(v) or "<empty>"] for k, v in predictions.items()}
     gts = {k: [_tokens(x) or "<empty>" for x in ([v] if isinstance(v, str) else v)] for k, v in references.items()}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
-    return {**{f"BLEU_{k}": float(b) for k, b in enumerate(bleu, 1)}, "CIDEr": float(cider)}
+    out = {**{f"BLEU_{k}": float(b) for k, b in enumerate(bleu, 1)}, "CIDEr": float(cider)}
+    if meteor_rouge:
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+        out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +202,11 @@ def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images:
     return rows
 
 
-def teacher_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+def teacher_summary(rows: Sequence[dict[str, Any]], threshold: int = 8) -> dict[str, float]:
     """Score MAE (an unparsable score is an error of 10, as in FIRE's evaluation), the share
-    and count of unparsable replies ("failed to follow"), the share of feedback that states
-    the answer, and BLEU/CIDEr of the feedback text."""
+    and count of unparsable replies ("failed to follow"), the share of turns where teacher and
+    gold agree on "satisfied" (score >= threshold), the share of feedback that states the
+    answer, and BLEU/CIDEr of the feedback text."""
     n = len(rows)
     if n == 0:
         raise ValueError("no teacher turns to summarise")
@@ -197,6 +215,8 @@ def teacher_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {"n": n, "score_mae": sum(r["abs_error"] for r in rows) / n,
             "failed_to_follow": sum(not r["parsable"] for r in rows),
             "unparsable_share": sum(not r["parsable"] for r in rows) / n,
+            "satisfied_agreement": sum((r["score"] is not None and r["score"] >= threshold) == (r["gold_score"] >= threshold)
+                                       for r in rows) / n,
             "leak_share": sum(bool(r["leaked"]) for r in rows) / n, **text}
 
 
@@ -213,3 +233,115 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], n_bootstrap: int = 1
     diffs = y[idx].mean(1) - x[idx].mean(1)
     lo, hi = np.quantile(diffs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     return {"difference": float(y.mean() - x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class InputError(ValueError):
+    """A metrics input file that does not fit its format; the message names the line."""
+
+
+def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import json
+
+    try:
+        fh = open(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict) or "id" not in obj:
+                raise InputError(f"{path}: line {n}: expected an object with an 'id'")
+            yield n, obj
+
+
+def read_dialogues(path: str, threshold: int, max_turns: int) -> tuple[list[list[int]], list[list[bool]] | None]:
+    """Score lists (and correctness lists when every line has them) from a dialogues file."""
+    scores, correct, seen = [], [], set()
+    for n, obj in _jsonl(path):
+        s = obj.get("scores")
+        if not isinstance(s, list) or not s or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in s):
+            raise InputError(f"{path}: line {n}: 'scores' must be a non-empty list of numbers")
+        if len(s) > max_turns:
+            raise InputError(f"{path}: line {n}: {len(s)} scores but --max-turns is {max_turns}")
+        hit = next((t for t, x in enumerate(s, 1) if x >= threshold), None)
+        if hit is not None and hit < len(s):
+            raise InputError(f"{path}: line {n}: the dialogue goes on after reaching the threshold at turn {hit}")
+        if obj["id"] in seen:
+            raise InputError(f"{path}: line {n}: duplicate id {obj['id']!r}")
+        seen.add(obj["id"])
+        c = obj.get("correct")
+        if c is not None and (not isinstance(c, list) or len(c) != len(s) or not all(isinstance(x, bool) for x in c)):
+            raise InputError(f"{path}: line {n}: 'correct' must be a list of booleans as long as 'scores'")
+        scores.append(s)
+        correct.append(c)
+    if not scores:
+        raise InputError(f"{path}: no dialogues")
+    has = [c is not None for c in correct]
+    return scores, (correct if all(has) else None)  # type: ignore[return-value]
+
+
+def read_texts(path: str, many: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n, obj in _jsonl(path):
+        if not isinstance(obj.get("text"), str):
+            raise InputError(f"{path}: line {n}: 'text' must be a string")
+        key = str(obj["id"])
+        if many:
+            out.setdefault(key, []).append(obj["text"])
+        elif key in out:
+            raise InputError(f"{path}: line {n}: duplicate id {key!r}")
+        else:
+            out[key] = obj["text"]
+    if not out:
+        raise InputError(f"{path}: no lines")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m fire_core.eval", description="FIRE-Bench metrics from files")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("free", help="free-dialogue metrics (AT, ADR, ATR, RR, RR_conditional)")
+    f.add_argument("--dialogues", required=True, help='JSONL: {"id": ..., "scores": [...], "correct": [...]}')
+    f.add_argument("--threshold", type=float, default=8)
+    f.add_argument("--max-turns", type=int, default=5)
+    t = sub.add_parser("text", help="BLEU_1..4, CIDEr, METEOR, ROUGE_L")
+    t.add_argument("--predictions", required=True, help='JSONL: {"id": ..., "text": ...}')
+    t.add_argument("--references", required=True, help="JSONL, same form; several lines may share an id")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "free":
+            if args.max_turns < 1:
+                raise InputError("--max-turns must be >= 1")
+            scores, correct = read_dialogues(args.dialogues, args.threshold, args.max_turns)
+            out = free_metrics(scores, args.threshold, args.max_turns)
+            if correct is not None:
+                out.update(truth_metrics(correct, args.max_turns))
+        else:
+            preds = read_texts(args.predictions, many=False)
+            refs = read_texts(args.references, many=True)
+            missing = sorted(set(preds) ^ set(refs))
+            if missing:
+                raise InputError(f"predictions and references differ in {len(missing)} ids, e.g. {missing[:3]}")
+            out = text_metrics(preds, refs, meteor_rouge=True)
+    except InputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,9 +25,8 @@ from typing import Any
 
 STUDENT_SYSTEM = ("You are a student. Answer the question about the image. If a teacher gives you "
                   "feedback, use it to improve your answer.")
-TEACHER_SYSTEM = ("You are a teacher. You see the question, the correct answer and a student's "
-                  "response. Reply with a line 'Score: N' (N from 1 to 10) and a line 'Feedback: ...' "
-                  "that says what is wrong and how to improve, without stating the correct answer.")
+TEACHER_SYSTEM = ("You are a teacher. Reply 'Score: N' (1 to 10), then 'Feedback: ...' on how to improve, "
+                  "without stating the correct answer.")
 BASE_SYSTEM = "You are a helpful assistant. Answer the question about the image."
 
 
@@ -110,13 +109,17 @@ def teacher_reply(turn: Turn) -> str:
 
 
 def _teacher_first(question: str, answer: str, response: str) -> str:
-    return f"Question: {question}\nStudent response: {response}\nCorrect answer: {answer}"
+    return f"Question: {question}\n{_teacher_next(answer, response)}"
 
 
 def _teacher_next(answer: str, response: str) -> str:
-    # the correct answer again after each new response, right before the reply: the comparison
-    # the score rests on is then local, which a small model learns far more easily
-    return f"Student response: {response}\nCorrect answer: {answer}"
+    # The student's final answer (its own words after 'The answer is', or its last sentence)
+    # is quoted next to the correct answer, right before the reply: the comparison the score
+    # rests on is then between neighbouring lines. The tiny default teacher did not learn to
+    # find and compare them across the dialogue (it scored by turn position instead).
+    from fire_core.world import extract_answer
+
+    return f"Student response: {response}\nStudent answer: {extract_answer(response)}\nCorrect answer: {answer}"
 
 
 def teacher_messages(question: str, answer: str, turns: list[Turn], train: bool = True) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
     python -m fire_core.serve --port 8765                        # serves the model "oracle"
     python -m fire_core.serve --model base=results/default/01_train_base_vlm/model
+    python -m fire_core.serve --model student=results/default/04_train_student/model \
+        --model teacher=results/default/03_train_teacher/model   # both roles of the dialogue engine
     python -m fire_core.serve --fault-429 0.1 --fault-500 0.1 --fault-timeout 0.05 \\
         --fault-malformed 0.05 --fault-truncated 0.05 --timeout-delay 5 --seed 0
 

@@ -677,11 +677,15 @@ def train_teacher(cfg) -> TeacherResult:
         rows = []
         for name, sel in (("seen", [t for t in turns if t["seen"]]), ("unseen", [t for t in turns if not t["seen"]])):
             if sel:
-                rows.append({"group": name, **evaluate.teacher_summary(sel)})
+                rows.append({"group": name, **evaluate.teacher_summary(sel, cfg.dialogue.threshold)})
+        for k in range(1, cfg.dialogue.max_turns + 1):  # a teacher that scores by position shows here
+            sel = [t for t in turns if t["seen"] and t["turn"] == k]
+            if sel:
+                rows.append({"group": f"seen, turn {k}", **evaluate.teacher_summary(sel, cfg.dialogue.threshold)})
         for fam in [*cfg.world.seen_families, *cfg.world.unseen_families]:
             sel = [t for t in turns if t["family"] == fam]
             if sel:
-                rows.append({"group": fam, **evaluate.teacher_summary(sel)})
+                rows.append({"group": fam, **evaluate.teacher_summary(sel, cfg.dialogue.threshold)})
         summary = pd.DataFrame(rows)
         summary.to_csv(run.dir / "teacher_eval.csv", index=False, float_format="%.4f")
         with open(run.dir / "teacher_turns.jsonl", "w") as fh:
@@ -693,8 +697,8 @@ def train_teacher(cfg) -> TeacherResult:
         head = summary.set_index("group")
         run.extra.update({"train_dialogues": len(train_recs), "heldout_dialogues": len(held),
                           "unseen_gold_dialogues": len(unseen),
-                          "eval": {g: {k: float(head.loc[g, k]) for k in ("score_mae", "unparsable_share", "leak_share",
-                                                                          "BLEU_4", "CIDEr")}
+                          "eval": {g: {k: float(head.loc[g, k]) for k in ("score_mae", "unparsable_share", "satisfied_agreement",
+                                                                          "leak_share", "BLEU_4", "CIDEr")}
                                    for g in ("seen", "unseen") if g in head.index}})
     return TeacherResult(dir=run.dir, model_dir=model_dir, summary=summary, turns=turns, fit=result)
 

@@ -1,0 +1,322 @@
+"""Stage 06: FIRE-Bench, fixed- and free-dialogue evaluation with bootstrap confidence intervals.
+
+    from fire_core import config, firebench
+    result = firebench.run_fire_bench(config.load("06_fire_bench", ["scale=smoke"]))
+    result.free        # DataFrame: provider, model, subset, AT, AT_rel, ADR, ATR, RR, ... (+ CIs)
+
+Test data: the seen families' test split and the unseen families (never trained on), as
+FIRE-Bench's 8 seen + 8 new sources. Gold dialogues for the fixed setting are written by the
+oracle on those test samples, from the base VLM's first answers (never on training samples).
+
+- Fixed dialogue, student: every gold student turn is generated from the gold history and
+  compared with the gold turn (BLEU-1..4, CIDEr, METEOR, ROUGE-L); reported over all turns and
+  over the refinement turns (2+) alone, since turn 1 of the gold is the base VLM's own answer.
+- Fixed dialogue, teacher: every gold teacher turn from the gold history (score MAE with an
+  unparsable score counted as 10, failed-to-follow count, BLEU/CIDEr of the feedback).
+- Free dialogue: each student talks with each feedback provider (the trained teacher, and the
+  oracle) through the dialogue engine; AT (also relative to the base model), ADR, ATR, RR and
+  RR_conditional (definitions in :mod:`fire_core.eval`), the same with "satisfied" decided by
+  the answer checker, teacher-vs-truth agreement, and the share solved by turn t. Every
+  headline number carries a bootstrap 95% interval (dialogues resampled), per provider, model,
+  seen/unseen and family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fire_core import eval as evaluate
+from fire_core import models, prompts
+
+log = logging.getLogger(__name__)
+HEADLINE = ("AT", "ADR", "ATR", "RR", "RR_conditional")
+TRUTH = ("AT_truth", "RR_truth", "RR_truth_conditional", "accuracy_turn1", "accuracy_final")
+
+
+def _per_dialogue(records, threshold: int, max_turns: int, score_min: int = 1) -> dict[str, np.ndarray]:
+    s = [[score_min if t["score"] is None else t["score"] for t in r["turns"]] for r in records]
+    c = [[bool(t["correct"]) for t in r["turns"]] for r in records]
+    first = lambda xs, ok: next((k for k, x in enumerate(xs, 1) if ok(x)), max_turns + 1)  # noqa: E731
+    return {
+        "t_star": np.array([first(x, lambda v: v >= threshold) for x in s], float),
+        "delta": np.array([x[-1] - x[0] for x in s], float),
+        "atr": np.array([(x[-1] - x[0]) / (len(x) - 1) if len(x) > 1 else np.nan for x in s], float),
+        "below": np.array([x[0] < threshold for x in s], float),
+        "refined": np.array([x[0] < threshold <= x[-1] for x in s], float),
+        "t_truth": np.array([first(x, bool) for x in c], float),
+        "wrong1": np.array([not x[0] for x in c], float),
+        "fixed": np.array([(not x[0]) and any(x[1:]) for x in c], float),
+        "right1": np.array([x[0] for x in c], float),
+        "right_any": np.array([any(x) for x in c], float),
+        "agree": np.array([np.mean([(sv >= threshold) == cv for sv, cv in zip(x, y, strict=True)])
+                           for x, y in zip(s, c, strict=True)], float),
+    }
+
+
+def _metrics(p: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics for each row of ``idx`` (resamples x dialogues), vectorised."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        atr = p["atr"][idx]
+        n_multi = (~np.isnan(atr)).sum(1)
+        return {
+            "AT": p["t_star"][idx].mean(1), "ADR": p["delta"][idx].mean(1),
+            "ATR": np.where(n_multi > 0, np.nansum(atr, 1) / np.maximum(n_multi, 1), 0.0),
+            "RR": p["refined"][idx].mean(1),
+            "RR_conditional": np.where(p["below"][idx].sum(1) > 0, p["refined"][idx].sum(1) / p["below"][idx].sum(1), 0.0),
+            "AT_truth": p["t_truth"][idx].mean(1), "RR_truth": p["fixed"][idx].mean(1),
+            "RR_truth_conditional": np.where(p["wrong1"][idx].sum(1) > 0, p["fixed"][idx].sum(1) / p["wrong1"][idx].sum(1), 0.0),
+            "accuracy_turn1": p["right1"][idx].mean(1), "accuracy_final": p["right_any"][idx].mean(1),
+            "teacher_truth_agreement": p["agree"][idx].mean(1),
+        }
+
+
+def bootstrap_metrics(records, threshold: int, max_turns: int, n_bootstrap: int, ci: float, seed: int) -> dict[str, float]:
+    """Every free-dialogue metric with its bootstrap interval: ``X``, ``X_lo``, ``X_hi``, and ``n``.
+    The point values equal :func:`fire_core.eval.free_metrics` / ``truth_metrics`` (tested)."""
+    if not records:
+        raise ValueError("no dialogues to score")
+    p = _per_dialogue(records, threshold, max_turns)
+    n = len(records)
+    point = {k: float(v[0]) for k, v in _metrics(p, np.arange(n)[None, :]).items()}
+    rng = np.random.default_rng(seed)
+    boots = _metrics(p, rng.integers(0, n, size=(n_bootstrap, n)))
+    out: dict[str, float] = {"n": n}
+    for k, v in point.items():
+        lo, hi = np.quantile(boots[k], [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        out.update({k: v, f"{k}_lo": float(lo), f"{k}_hi": float(hi)})
+    return out
+
+
+def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[float]]:
+    """Share of dialogues satisfied (teacher) and correct (truth) by turn t = 1..max_turns."""
+    p = _per_dialogue(records, threshold, max_turns)
+    return {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)],
+            "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}
+
+
+def student_fixed(model, processor, dialogues, images: dict[str, Any], max_new_tokens: int,
+                  batch_size: int, desc: str = "student turns") -> list[dict[str, Any]]:
+    """One row per gold student turn: the response generated from the gold history."""
+    from tqdm.auto import tqdm
+
+    gen = models.PrefixCachedGenerator(model, processor, max_new_tokens)
+    jobs = [(k, d) for k in range(max((len(d["turns"]) for d in dialogues), default=0))
+            for d in dialogues if k < len(d["turns"])]
+    rows = []
+    try:
+        for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
+            chunk = jobs[start:start + batch_size]
+            convs = [prompts.student_prompt(d["question"], [prompts.Turn(t["response"], t["score"], t["feedback"])
+                                                            for t in d["turns"][:k]]) for k, d in chunk]
+            texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
+            rows += [{"id": d["id"], "family": d["task"], "turn": k + 1, "prediction": text,
+                      "reference": d["turns"][k]["response"]} for (k, d), text in zip(chunk, texts, strict=True)]
+    finally:
+        gen.cache.clear()
+    return rows
+
+
+@dataclass
+class BenchResult:
+    dir: Path
+    free: Any  # DataFrame
+    per_family: Any
+    fixed_student: Any
+    fixed_teacher: Any
+    curves: dict[str, Any]
+    seconds: float
+
+
+def run_fire_bench(cfg) -> BenchResult:
+    """Stage 06 (see the module docstring)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import torch
+
+    from fire_core import annotate, dialogue, plots, provenance, train, world
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    t0 = time.time()
+    dirs = {s: provenance.require_stage(cfg, s) for s in ("00_build_world", "01_train_base_vlm", "03_train_teacher",
+                                                          "04_train_student", "05_simulate_fire1m")}
+    ds = world.load(cfg)
+    b, d = cfg.bench, cfg.dialogue
+    seen = ds["test"].select(sorted(train.select_per_family(ds["test"], cfg.world.seen_families, b.per_family, cfg.seed)))
+    unseen = ds["unseen"].select(sorted(train.select_per_family(ds["unseen"], cfg.world.unseen_families, b.per_family,
+                                                                cfg.seed)))
+    rows = list(seen) + list(unseen)
+    images = {r["id"]: r["image"].convert("RGB") for r in rows}
+    seen_fams = set(cfg.world.seen_families)
+    with provenance.stage_run(cfg, inputs=[dirs["00_build_world"] / "dataset", dirs["01_train_base_vlm"] / "model",
+                                           dirs["03_train_teacher"] / "model", dirs["04_train_student"] / "model",
+                                           dirs["05_simulate_fire1m"] / "fire_student"]) as run:
+        base = train.load_base(cfg, dirs["01_train_base_vlm"])
+        students = {"base": base, "fire100k_student": models.load(dirs["04_train_student"] / "model"),
+                    "fire_student": models.load(dirs["05_simulate_fire1m"] / "fire_student")}
+        teacher = models.load(dirs["03_train_teacher"] / "model")
+        # gold dialogues (fixed setting): the oracle on the test samples
+        gold = annotate.gold_dialogues(rows, *base, cfg)
+        with open(run.dir / "gold_dialogues.jsonl", "w") as fh:
+            for g in gold:
+                fh.write(json.dumps(g, sort_keys=True) + "\n")
+        # fixed dialogue: students
+        fixed_rows, fixed_preds = [], []
+        for name, (m, p) in students.items():
+            preds = student_fixed(m, p, gold, images, d.student_max_new_tokens, d.batch_size, desc=f"{name} fixed")
+            for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
+                if sel:
+                    key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
+                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **evaluate.text_metrics(
+                        {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
+            fixed_preds += [{**x, "model": name} for x in preds]
+        fixed_student = pd.DataFrame(fixed_rows)
+        fixed_student.to_csv(run.dir / "fixed_student.csv", index=False, float_format="%.4f")
+        # fixed dialogue: the teacher
+        t_turns = evaluate.teacher_fixed(*teacher, gold, images, d.teacher_max_new_tokens, d.batch_size,
+                                         d.score_min, d.score_max)
+        t_rows = []
+        for subset, sel in (("all", t_turns), ("seen", [t for t in t_turns if t["family"] in seen_fams]),
+                            ("unseen", [t for t in t_turns if t["family"] not in seen_fams])):
+            if sel:
+                t_rows.append({"subset": subset, **evaluate.teacher_summary(sel, d.threshold)})
+        fixed_teacher = pd.DataFrame(t_rows)
+        fixed_teacher.to_csv(run.dir / "fixed_teacher.csv", index=False, float_format="%.4f")
+        with open(run.dir / "fixed_predictions.jsonl", "w") as fh:
+            for x in fixed_preds + [{**t, "model": "teacher"} for t in t_turns]:
+                fh.write(json.dumps(x) + "\n")
+        # free dialogue: every student with every feedback provider
+        providers = {"teacher": dialogue.hf_role("teacher", *teacher, d.teacher_max_new_tokens, d.cache_prefix),
+                     "oracle": dialogue.oracle_role()}
+        roles = {name: dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
+                 for name, (m, p) in students.items()}
+        if b.extra_student_endpoint:
+            roles[b.extra_student_model] = dialogue.openai_role(b.extra_student_model, b.extra_student_endpoint,
+                                                                d.concurrency, d.timeout_s, d.max_retries,
+                                                                d.student_max_new_tokens)
+        free_records = []
+        for prov, t_role in providers.items():
+            for name, s_role in roles.items():
+                rid = lambda i, name=name, prov=prov: annotate.request_id(i, "firebench", name, prov)  # noqa: E731
+                res = dialogue.run(dialogue.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
+                                   source=f"{name}x{prov}", total=len(rows))
+                free_records += [{**r, "provider": prov, "model": name} for r in res.records]
+        with open(run.dir / "free_dialogues.jsonl", "w") as fh:
+            for r in free_records:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        # tables with confidence intervals
+        table, fam_rows, curves = [], [], {}
+        for prov in providers:
+            base_at = None
+            for name in roles:
+                recs = [r for r in free_records if r["provider"] == prov and r["model"] == name]
+                for subset, sel in (("all", recs), ("seen", [r for r in recs if r["task"] in seen_fams]),
+                                    ("unseen", [r for r in recs if r["task"] not in seen_fams])):
+                    if not sel:
+                        continue
+                    m = bootstrap_metrics(sel, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)
+                    if name == "base" and subset == "all":
+                        base_at = m["AT"]
+                    table.append({"provider": prov, "model": name, "subset": subset, **m})
+                for fam in [*cfg.world.seen_families, *cfg.world.unseen_families]:
+                    sel = [r for r in recs if r["task"] == fam]
+                    if sel:
+                        fam_rows.append({"provider": prov, "model": name, "family": fam, "seen": fam in seen_fams,
+                                         **bootstrap_metrics(sel, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)})
+                curves[f"{prov}/{name}"] = solved_by_turn(recs, d.threshold, d.max_turns)
+            for row in table:
+                if row["provider"] == prov and base_at:
+                    row["AT_rel"] = row["AT"] / base_at  # the poster's normalisation: base = 1.00
+        free = pd.DataFrame(table)
+        per_family = pd.DataFrame(fam_rows)
+        free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")
+        per_family.to_csv(run.dir / "free_dialogue_per_family.csv", index=False, float_format="%.4f")
+        provenance.write_json_atomic(run.dir / "solved_by_turn.json", curves)
+        # figures: per-turn curves, and example dialogues
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+        turns = list(range(1, d.max_turns + 1))
+        for ax, kind in zip(axes, ("teacher", "truth"), strict=True):
+            for key, c in curves.items():
+                ax.plot(turns, c[kind], marker="o", label=key, linestyle="-" if key.startswith("teacher") else "--")
+            what = f"teacher score >= {d.threshold}" if kind == "teacher" else "answer correct"
+            ax.set(xlabel="turn", title=f"solved by turn ({what})", xticks=turns)
+        axes[0].set_ylabel("share of dialogues")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        plots.save(fig, run.dir / "solved_by_turn", sources=[run.dir / "free_dialogue.csv", run.dir / "solved_by_turn.json"],
+                   cfg=cfg)
+        examples = pick_examples(free_records, 3)
+        _example_figure(examples, images, run.dir / "example_dialogues", cfg)
+        summary = {"seconds": round(time.time() - t0, 1), "test_dialogues": len(rows), "gold_dialogues": len(gold),
+                   "headline": free[free.subset == "all"][["provider", "model", *HEADLINE, "AT_rel"]].to_dict("records"),
+                   "examples": [e["id"] for e in examples]}
+        provenance.write_json_atomic(run.dir / "fire_bench.json", summary)
+        run.extra.update(summary)
+    return BenchResult(dir=run.dir, free=free, per_family=per_family, fixed_student=fixed_student,
+                       fixed_teacher=fixed_teacher, curves=curves, seconds=time.time() - t0)
+
+
+def pick_examples(records, k: int, providers=("teacher", "oracle")) -> list[dict[str, Any]]:
+    """Samples where the base model repeats a wrong answer and the FIRE student ends correct:
+    (base dialogue, FIRE-student dialogue) on the same sample with the same provider, looked for
+    with each provider in turn; then any sample the FIRE student solved after turn 1."""
+    by = {(r["provider"], r["model"], r["id"]): r for r in records}
+    out, fallback = [], []
+    for provider in providers:
+        for (prov, model, sid), r in sorted(by.items()):
+            if prov != provider or model != "fire_student":
+                continue
+            b = by.get((prov, "base", sid))
+            if b is None or not r["turns"][-1]["correct"] or len(r["turns"]) < 2 or r["turns"][0]["correct"]:
+                continue
+            resp = [t["response"] for t in b["turns"]]
+            repeats = len(resp) > 1 and len(set(resp)) < len(resp) and not any(t["correct"] for t in b["turns"])
+            (out if repeats else fallback).append({"id": sid, "provider": prov, "base": b, "fire_student": r})
+    return (out + fallback)[:k]
+
+
+def _example_figure(examples, images, stem: Path, cfg) -> None:
+    import matplotlib.pyplot as plt
+
+    from fire_core import plots
+
+    n = max(1, len(examples))
+    fig, axes = plt.subplots(n, 3, figsize=(15, 2.6 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 3, 3]})
+    for row, ex in zip(axes, examples, strict=False):
+        row[0].imshow(images[ex["id"]], interpolation="nearest")
+        row[0].axis("off")
+        for ax, who in zip(row[1:], ("base", "fire_student"), strict=True):
+            r = ex[who]
+            lines = [f"{who} with the {ex['provider']}   Q: {r['question'].splitlines()[0][:60]}  (truth: {r['answer']})"]
+            for k, t in enumerate(r["turns"], 1):
+                mark = "+" if t["correct"] else "-"
+                lines.append(f"S{k}{mark} {t['response'][:80]}")
+                lines.append(f"T{k}  Score {t['score']}. {t['feedback'][:75]}")
+            ax.text(0, 0.5, "\n".join(lines), va="center", fontsize=6.5, family="monospace")
+            ax.axis("off")
+    if not examples:
+        for ax in axes[0]:
+            ax.axis("off")
+        axes[0][1].text(0, 0.5, "no sample where the FIRE student refined to a correct answer", va="center")
+    fig.tight_layout()
+    plots.save(fig, stem, sources=[stem.parent / "free_dialogues.jsonl"], cfg=cfg)
+
+
+def paper_table(free, provider: str, subset: str = "all"):
+    """The paper's layout: models as rows; AT, AT relative to base, ADR, ATR, RR and
+    RR_conditional as 'value [low, high]' strings."""
+    import pandas as pd
+
+    t = free[(free.provider == provider) & (free.subset == subset)]
+    show = pd.DataFrame({k: [f"{r[k]:.2f} [{r[k + '_lo']:.2f}, {r[k + '_hi']:.2f}]" for _, r in t.iterrows()]
+                         for k in HEADLINE}, index=pd.Index(t.model, name="model"))
+    if "AT_rel" in t:
+        show.insert(1, "AT_rel", t.AT_rel.round(2).values)
+    return show
