@@ -262,7 +262,9 @@ def bench_simulate(n_engine: int = 192, n_sequential: int = 32, batch_sizes=(32,
     student = dialogue.hf_role("student", sm, sp, d.student_max_new_tokens)
     teacher = dialogue.hf_role("teacher", tm, tp, d.teacher_max_new_tokens)
     dialogue.run(samples[:4], student, teacher, d, cfg.seed, progress=False)  # warm-up
-    seq = dialogue.sequential(samples[:n_sequential], student, teacher, d, cfg.seed)
+    # the sequential loop runs an evenly spread subset (all families) of the engine's samples
+    seq = dialogue.sequential(samples[::max(1, len(samples) // n_sequential)][:n_sequential], student, teacher, d,
+                              cfg.seed)
     out = {"benchmark": "simulate", "trained_models": trained, "threshold": d.threshold, "max_turns": d.max_turns,
            "student_max_new_tokens": d.student_max_new_tokens, "teacher_max_new_tokens": d.teacher_max_new_tokens,
            "sequential": {"dialogues": len(seq.records), "seconds": round(seq.timing["total"], 2),
