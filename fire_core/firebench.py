@@ -214,7 +214,7 @@ def run_fire_bench(cfg) -> BenchResult:
         # tables with confidence intervals
         table, fam_rows, curves = [], [], {}
         for prov in providers:
-            base_at = None
+            base_at: dict[str, float] = {}  # per subset
             for name in roles:
                 recs = [r for r in free_records if r["provider"] == prov and r["model"] == name]
                 for subset, sel in (("all", recs), ("seen", [r for r in recs if r["task"] in seen_fams]),
@@ -222,8 +222,8 @@ def run_fire_bench(cfg) -> BenchResult:
                     if not sel:
                         continue
                     m = bootstrap_metrics(sel, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)
-                    if name == "base" and subset == "all":
-                        base_at = m["AT"]
+                    if name == "base":
+                        base_at[subset] = m["AT"]
                     table.append({"provider": prov, "model": name, "subset": subset, **m})
                 for fam in [*cfg.world.seen_families, *cfg.world.unseen_families]:
                     sel = [r for r in recs if r["task"] == fam]
@@ -232,8 +232,8 @@ def run_fire_bench(cfg) -> BenchResult:
                                          **bootstrap_metrics(sel, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)})
                 curves[f"{prov}/{name}"] = solved_by_turn(recs, d.threshold, d.max_turns)
             for row in table:
-                if row["provider"] == prov and base_at:
-                    row["AT_rel"] = row["AT"] / base_at  # the poster's normalisation: base = 1.00
+                if row["provider"] == prov and base_at.get(row["subset"]):
+                    row["AT_rel"] = row["AT"] / base_at[row["subset"]]  # the poster's: base = 1.00
         free = pd.DataFrame(table)
         per_family = pd.DataFrame(fam_rows)
         free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")

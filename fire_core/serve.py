@@ -122,13 +122,15 @@ def create_app(hf_models: dict[str, str] | None = None, faults: Faults | None = 
                 "usage": {"prompt_tokens": 0, "completion_tokens": len(content.split()), "total_tokens": 0}}
 
     def run_hf(name: str, body: dict[str, Any]) -> str:
-        if name not in loaded:
-            loaded[name] = models.load(hf_models[name])
-        model, proc = loaded[name]
         chat, images = to_chat(body["messages"])
         if len(images) != 1:
             raise ValueError(f"expected exactly one image, got {len(images)}")
         with gen_lock:
+            # loading under the lock too: from_pretrained toggles process-global init state, so two
+            # threads loading at once (the first requests for two models) can get broken weights
+            if name not in loaded:
+                loaded[name] = models.load(hf_models[name])
+            model, proc = loaded[name]
             return models.generate(model, proc, [chat], images, max_new_tokens=int(body.get("max_tokens") or 64),
                                    do_sample=float(body.get("temperature") or 0) > 0,
                                    temperature=float(body.get("temperature") or 1.0), seed=body.get("seed"))[0]

@@ -289,7 +289,7 @@ def test_smoke_outputs_of_stage_06(smoke_root):
     assert {"all", "seen", "unseen"} <= set(free.subset)
     for k in ("AT", "ADR", "ATR", "RR"):
         assert ((free[f"{k}_lo"] <= free[k] + 1e-9) & (free[k] <= free[f"{k}_hi"] + 1e-9)).all()
-    base = free[(free.model == "base") & (free.subset == "all")]
+    base = free[free.model == "base"]  # every subset is relative to its own base AT
     assert (base.AT_rel == 1).all()
     fixed = pd.read_csv(d / "fixed_student.csv")
     assert {"BLEU_1", "BLEU_4", "CIDEr", "METEOR", "ROUGE_L"} <= set(fixed.columns)
