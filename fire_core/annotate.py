@@ -154,6 +154,25 @@ def filter_reason(record: dict[str, Any], threshold: int) -> str | None:
     return None
 
 
+def apply_filter(records: Iterable[dict[str, Any]], reason) -> tuple[list[dict[str, Any]], Counter]:
+    """The records that ``reason(record)`` lets through (it returns None), and the count of the
+    others by the reason it gave."""
+    kept, dropped = [], Counter()
+    for rec in records:
+        why = reason(rec)
+        if why:
+            dropped[why] += 1
+        else:
+            kept.append(rec)
+    return kept, dropped
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # The openai backend: any OpenAI-compatible endpoint (GPT-4o, vLLM, fire_core.serve)
 
@@ -563,17 +582,8 @@ def build_fire100k(cfg) -> Fire100kResult:
         # only this plan's requests: shards may still hold records of an older prompt or config
         wanted = set(rid_of.values())
         records = [r for r in store.all_sorted() if r["request_id"] in wanted]
-        dropped: Counter = Counter()
-        kept = []
-        for rec in records:
-            why = filter_reason(rec, d.threshold)
-            if why:
-                dropped[why] += 1
-            else:
-                kept.append(rec)
-        with open(run.dir / "fire100k.jsonl", "w") as fh:
-            for rec in kept:
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        kept, dropped = apply_filter(records, lambda rec: filter_reason(rec, d.threshold))
+        write_jsonl(run.dir / "fire100k.jsonl", kept)
         table = statistics(kept)
         table.to_csv(run.dir / "fire100k_stats.csv", index=False, float_format="%.2f")
         score_by_turn(kept).to_csv(run.dir / "score_by_turn.csv")

@@ -456,17 +456,8 @@ def simulate_fire1m(cfg) -> Fire1mResult:
                   cfg.seed, store=store, source="world/fire1m", total=len(todo))
         wanted = set(rid_of.values())
         records = [r for r in store.all_sorted() if r["request_id"] in wanted]
-        dropped: Counter = Counter()
-        kept = []
-        for rec in records:
-            why = filter_reason(rec)
-            if why:
-                dropped[why] += 1
-            else:
-                kept.append(rec)
-        with open(stage.dir / "fire1m.jsonl", "w") as fh:
-            for rec in kept:
-                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        kept, dropped = annotate.apply_filter(records, filter_reason)
+        annotate.write_jsonl(stage.dir / "fire1m.jsonl", kept)
         f100_train, _ = train.load_fire100k(cfg)
         f100_all = [json.loads(line) for line in open(f100_dir / "fire100k.jsonl")]
         stats = pd.concat([annotate.statistics(f100_all).assign(dataset="FIRE-100K"),
