@@ -63,13 +63,14 @@ class ShardStore:
     def shard_of(self, rid: str) -> int:
         return int(hashlib.sha256(rid.encode()).hexdigest(), 16) % self.n_shards
 
+    def shards(self) -> list[Path]:
+        """Every shard on disk, also those of a run with another ``n_shards``."""
+        return sorted(self.root.glob("part-*.jsonl"))
+
     def repair(self) -> int:
         """Cut every shard back to its last complete line; returns how many bytes were dropped."""
         dropped = 0
-        for k in range(self.n_shards):
-            p = self.path(k)
-            if not p.is_file():
-                continue
+        for p in self.shards():
             data = p.read_bytes()
             keep = data.rfind(b"\n") + 1
             if keep < len(data):
@@ -81,13 +82,11 @@ class ShardStore:
         return dropped
 
     def records(self) -> Iterator[dict[str, Any]]:
-        for k in range(self.n_shards):
-            p = self.path(k)
-            if p.is_file():
-                with open(p) as fh:
-                    for line in fh:
-                        if line.endswith("\n"):
-                            yield json.loads(line)
+        for p in self.shards():
+            with open(p) as fh:
+                for line in fh:
+                    if line.endswith("\n"):
+                        yield json.loads(line)
 
     def done_ids(self) -> set[str]:
         return {r["request_id"] for r in self.records()}

@@ -78,21 +78,18 @@ def openai_role(name: str, base_url: str, concurrency: int = 8, timeout_s: float
 def roles_from_config(dcfg, student_model=None, student_processor=None, teacher_model=None,
                       teacher_processor=None, student_name: str = "student", teacher_name: str = "teacher"):
     """The two roles that ``cfg.dialogue`` asks for; local models are passed in by the caller."""
-    if dcfg.student == "openai":
-        student = openai_role(dcfg.student_model, dcfg.student_endpoint, dcfg.concurrency, dcfg.timeout_s,
-                              dcfg.max_retries, dcfg.student_max_new_tokens)
-    else:
-        student = hf_role(student_name, student_model, student_processor, dcfg.student_max_new_tokens,
-                          dcfg.cache_prefix)
-    if dcfg.teacher == "oracle":
-        teacher = oracle_role()
-    elif dcfg.teacher == "openai":
-        teacher = openai_role(dcfg.teacher_model, dcfg.teacher_endpoint, dcfg.concurrency, dcfg.timeout_s,
-                              dcfg.max_retries, dcfg.teacher_max_new_tokens)
-    else:
-        teacher = hf_role(teacher_name, teacher_model, teacher_processor, dcfg.teacher_max_new_tokens,
-                          dcfg.cache_prefix)
-    return student, teacher
+
+    def make(role: str, name: str, model, processor) -> Role:
+        kind, max_new = getattr(dcfg, role), getattr(dcfg, f"{role}_max_new_tokens")
+        if kind == "oracle":
+            return oracle_role()
+        if kind == "openai":
+            return openai_role(getattr(dcfg, f"{role}_model"), getattr(dcfg, f"{role}_endpoint"), dcfg.concurrency,
+                               dcfg.timeout_s, dcfg.max_retries, max_new)
+        return hf_role(name, model, processor, max_new, dcfg.cache_prefix)
+
+    return (make("student", student_name, student_model, student_processor),
+            make("teacher", teacher_name, teacher_model, teacher_processor))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +309,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     bar.update(1)
                     continue
                 r, rep = responses[i], replies[i]
-                tokens["student"] += student.tokens(r) if student.kind != "oracle" else 0
+                tokens["student"] += student.tokens(r)
                 tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
                 s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
                                 "parsable": rep["parsable"], "raw": rep["raw"],
@@ -380,8 +377,6 @@ def filter_reason(record: dict[str, Any], family: str | None = None) -> str | No
 
 def world_samples(rows, rid_of: Callable[[str], str], with_scene: bool = True) -> Iterator[dict[str, Any]]:
     """Engine samples from world rows (decoded lazily, one at a time)."""
-    import json
-
     for r in rows:
         s = {"id": r["id"], "request_id": rid_of(r["id"]), "question": r["question"], "answer": r["answer"],
              "family": r["family"], "split": r["split"], "image": r["image"].convert("RGB"),
@@ -406,12 +401,6 @@ class Fire1mResult:
     first_turn: Any
 
 
-def _fire100k_ids(f100_dir: Path) -> set[str]:
-    """Every sample stage 02 asked about (kept or not): FIRE-1M must not reuse them."""
-    return {json.loads(line)["id"] for p in sorted((f100_dir / "raw").glob("part-*.jsonl")) for line in open(p)
-            if line.endswith("\n")}
-
-
 def simulate_fire1m(cfg) -> Fire1mResult:
     """Stage 05: the trained student and teacher talk about new train samples (FIRE-1M analog),
     the simulation filter keeps improving dialogues, then the FIRE student is trained from the
@@ -419,6 +408,7 @@ def simulate_fire1m(cfg) -> Fire1mResult:
     import pandas as pd
 
     from fire_core import annotate, provenance, train
+    from fire_core import eval as evaluate
     from fire_core.annotate import ShardStore, request_id
 
     if cfg.train.num_threads:
@@ -433,7 +423,8 @@ def simulate_fire1m(cfg) -> Fire1mResult:
     student_dir = provenance.require_stage(cfg, "04_train_student")
     ds = world.load(cfg)
     d = cfg.dialogue
-    used = _fire100k_ids(f100_dir)
+    # every sample stage 02 asked about, kept or not: FIRE-1M must not reuse them
+    used = {r["id"] for r in ShardStore(f100_dir / "raw", cfg.annotator.n_shards).records()}
     train_ds = ds["train"]
     fresh = [i for i, sid in enumerate(train_ds["id"]) if sid not in used]
     sub = train_ds.select(fresh)
@@ -458,8 +449,8 @@ def simulate_fire1m(cfg) -> Fire1mResult:
         records = [r for r in store.all_sorted() if r["request_id"] in wanted]
         kept, dropped = annotate.apply_filter(records, filter_reason)
         annotate.write_jsonl(stage.dir / "fire1m.jsonl", kept)
-        f100_train, _ = train.load_fire100k(cfg)
-        f100_all = [json.loads(line) for line in open(f100_dir / "fire100k.jsonl")]
+        f100_train, f100_held = train.load_fire100k(cfg)
+        f100_all = f100_train + f100_held
         stats = pd.concat([annotate.statistics(f100_all).assign(dataset="FIRE-100K"),
                            annotate.statistics(kept).assign(dataset="FIRE-1M")], ignore_index=True)
         stats = stats[["dataset", *[c for c in stats.columns if c != "dataset"]]]
@@ -472,7 +463,7 @@ def simulate_fire1m(cfg) -> Fire1mResult:
                   "seconds": round(res.timing["total"], 1),
                   "timing": {k: round(v, 1) for k, v in res.timing.items()},
                   "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1),
-                  **dialogue_summary(records, d)}
+                  "metrics": evaluate.dialogue_metrics(records, d.threshold, d.max_turns) if records else {}}
         provenance.write_json_atomic(stage.dir / "simulation_stats.json", engine)
         del s_model, t_model
         student.generator = teacher.generator = None
@@ -487,9 +478,3 @@ def simulate_fire1m(cfg) -> Fire1mResult:
     return Fire1mResult(dir=stage.dir, kept=kept, dropped=dropped, stats=stats, engine=engine, fit=fit,
                         first_turn=table)
 
-
-def dialogue_summary(records: list[dict[str, Any]], dcfg) -> dict[str, Any]:
-    """Free-dialogue metrics of a set of engine records (empty dict when there are none)."""
-    from fire_core import eval as evaluate
-
-    return {"metrics": evaluate.dialogue_metrics(records, dcfg.threshold, dcfg.max_turns)} if records else {}

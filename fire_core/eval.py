@@ -165,41 +165,59 @@ def text_metrics(predictions: dict[str, str], references: dict[str, str | list[s
 # The teacher in fixed dialogues: each gold teacher turn predicted from the gold history
 
 
-def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any],
-                  max_new_tokens: int = 48, batch_size: int = 32, score_min: int = 1, score_max: int = 10,
-                  desc: str = "teacher turns") -> list[dict[str, Any]]:
-    """One row per gold teacher turn: the predicted score and feedback against the gold ones.
-    ``images`` maps dialogue id to its image. Turns are run in order, so each dialogue's KV
-    cache carries over from one turn to the next."""
+def fixed_turns(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any], prompt_of,
+                max_new_tokens: int, batch_size: int, desc: str):
+    """Fixed-dialogue generation: for every gold turn k of every dialogue, the model's reply to
+    ``prompt_of(dialogue, gold_history, k)``; yields (k, dialogue, text). Turns run in order, so
+    each dialogue's KV cache carries over from one turn to the next."""
     from tqdm.auto import tqdm
 
-    from fire_core import feedback
-
     gen = models.PrefixCachedGenerator(model, processor, max_new_tokens)
-    rows: list[dict[str, Any]] = []
     max_t = max((len(d["turns"]) for d in dialogues), default=0)
     jobs = [(k, d) for k in range(max_t) for d in dialogues if k < len(d["turns"])]
     try:
         for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
             chunk = jobs[start:start + batch_size]
-            convs = []
-            for k, d in chunk:
-                hist = [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in d["turns"][:k]]
-                convs.append(prompts.teacher_prompt(d["question"], d["answer"], hist, d["turns"][k]["response"]))
+            convs = [prompt_of(d, [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in d["turns"][:k]], k)
+                     for k, d in chunk]
             texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
-            for (k, d), text in zip(chunk, texts, strict=True):
-                gold = d["turns"][k]
-                p = prompts.parse_teacher(text, score_min, score_max)
-                rows.append({
-                    "id": d["id"], "family": d["task"], "turn": k + 1, "gold_score": gold["score"],
-                    "score": p.score, "parsable": p.parsable,
-                    "abs_error": abs(p.score - gold["score"]) if p.parsable else 10,
-                    "gold_feedback": gold["feedback"], "feedback": p.feedback, "raw": text,
-                    "leaked": (not gold.get("correct", False))
-                    and feedback.leaks_answer(p.feedback, d["answer"], d["task"], d["question"])})
+            yield from ((k, d, text) for (k, d), text in zip(chunk, texts, strict=True))
     finally:
         gen.cache.clear()
+
+
+def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any],
+                  max_new_tokens: int = 48, batch_size: int = 32, score_min: int = 1, score_max: int = 10,
+                  desc: str = "teacher turns") -> list[dict[str, Any]]:
+    """One row per gold teacher turn: the predicted score and feedback against the gold ones.
+    ``images`` maps dialogue id to its image."""
+    from fire_core import feedback
+
+    rows: list[dict[str, Any]] = []
+    for k, d, text in fixed_turns(model, processor, dialogues, images,
+                                  lambda d, hist, k: prompts.teacher_prompt(d["question"], d["answer"], hist,
+                                                                            d["turns"][k]["response"]),
+                                  max_new_tokens, batch_size, desc):
+        gold = d["turns"][k]
+        p = prompts.parse_teacher(text, score_min, score_max)
+        rows.append({
+            "id": d["id"], "family": d["task"], "turn": k + 1, "gold_score": gold["score"],
+            "score": p.score, "parsable": p.parsable,
+            "abs_error": abs(p.score - gold["score"]) if p.parsable else 10,
+            "gold_feedback": gold["feedback"], "feedback": p.feedback, "raw": text,
+            "leaked": (not gold.get("correct", False))
+            and feedback.leaks_answer(p.feedback, d["answer"], d["task"], d["question"])})
     return rows
+
+
+def student_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any],
+                  max_new_tokens: int = 64, batch_size: int = 32, desc: str = "student turns") -> list[dict[str, Any]]:
+    """One row per gold student turn: the response generated from the gold history."""
+    return [{"id": d["id"], "family": d["task"], "turn": k + 1, "prediction": text,
+             "reference": d["turns"][k]["response"]}
+            for k, d, text in fixed_turns(model, processor, dialogues, images,
+                                          lambda d, hist, k: prompts.student_prompt(d["question"], hist),
+                                          max_new_tokens, batch_size, desc)]
 
 
 def teacher_summary(rows: Sequence[dict[str, Any]], threshold: int = 8) -> dict[str, float]:

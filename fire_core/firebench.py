@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fire_core import eval as evaluate
-from fire_core import models, prompts
+from fire_core import models
 
 log = logging.getLogger(__name__)
 HEADLINE = ("AT", "ADR", "ATR", "RR", "RR_conditional")
@@ -101,28 +101,6 @@ def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[fl
             "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}
 
 
-def student_fixed(model, processor, dialogues, images: dict[str, Any], max_new_tokens: int,
-                  batch_size: int, desc: str = "student turns") -> list[dict[str, Any]]:
-    """One row per gold student turn: the response generated from the gold history."""
-    from tqdm.auto import tqdm
-
-    gen = models.PrefixCachedGenerator(model, processor, max_new_tokens)
-    jobs = [(k, d) for k in range(max((len(d["turns"]) for d in dialogues), default=0))
-            for d in dialogues if k < len(d["turns"])]
-    rows = []
-    try:
-        for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
-            chunk = jobs[start:start + batch_size]
-            convs = [prompts.student_prompt(d["question"], [prompts.Turn(t["response"], t["score"], t["feedback"])
-                                                            for t in d["turns"][:k]]) for k, d in chunk]
-            texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
-            rows += [{"id": d["id"], "family": d["task"], "turn": k + 1, "prediction": text,
-                      "reference": d["turns"][k]["response"]} for (k, d), text in zip(chunk, texts, strict=True)]
-    finally:
-        gen.cache.clear()
-    return rows
-
-
 @dataclass
 class BenchResult:
     dir: Path
@@ -170,7 +148,7 @@ def run_fire_bench(cfg) -> BenchResult:
         # fixed dialogue: students
         fixed_rows, fixed_preds = [], []
         for name, (m, p) in students.items():
-            preds = student_fixed(m, p, gold, images, d.student_max_new_tokens, d.batch_size, desc=f"{name} fixed")
+            preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, d.batch_size, desc=f"{name} fixed")
             for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
                 if sel:
                     key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731

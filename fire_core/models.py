@@ -261,8 +261,7 @@ class PrefixCachedGenerator:
     def __init__(self, model, processor, max_new_tokens: int = 64):
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         self.cache: dict[Any, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self.prefilled_tokens = 0  # tokens run through the model outside decoding (for benchmarks)
-        self.reused_tokens = 0
+        self.reused_tokens = 0  # prompt tokens whose KV came from the cache
 
     def drop(self, key: Any) -> None:
         self.cache.pop(key, None)
@@ -293,7 +292,6 @@ class PrefixCachedGenerator:
             keep = mask[b].bool()
             kv = [(layer.keys[b][:, keep], layer.values[b][:, keep]) for layer in out.past_key_values.layers]
             rows.append((full_ids[b][full_mask[b].bool()].tolist(), kv))
-        self.prefilled_tokens += int(mask.sum())
         return rows
 
     @torch.no_grad()
@@ -335,7 +333,6 @@ class PrefixCachedGenerator:
                     raise ValueError(f"conversation {k!r} changed before its image; drop() it first")
                 cached[i], kvs[i], pending[i] = new[:p], [(a[:, :p], v[:, :p]) for a, v in kv], new[p:]
                 self.reused_tokens += p
-        self.prefilled_tokens += sum(len(p) for p in pending)
         # one padded batch: [left pad | cache | pad | pending], then decoding appends
         B = len(keys)
         L = max(len(c) for c in cached)

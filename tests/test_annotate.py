@@ -44,6 +44,8 @@ def test_shard_store_appends_resumes_and_repairs_torn_lines(tmp_path):
     assert victim.read_bytes().endswith(b"\n")
     store2 = annotate.ShardStore(tmp_path, n_shards=3)
     assert [r["id"] for r in store2.all_sorted()] == sorted(f"count-train-{i:05d}" for i in range(10))
+    # a reader with another shard count still sees every record
+    assert annotate.ShardStore(tmp_path, n_shards=1).done_ids() == store.done_ids()
 
 
 def test_request_ids_are_deterministic():
