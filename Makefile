@@ -1,8 +1,12 @@
 # The pipeline graph. Each stage is a numbered notebook run headless by papermill; it counts as
-# done only when its last cell wrote results/<scale>/<stage>/DONE.
-#   make reproduce                 # every stage at SCALE=default
-#   make smoke                     # every stage at SCALE=smoke (minutes)
-#   make stage STAGE=00_build_world SCALE=smoke OVERRIDES='["world.seed=1"]'
+# done only when its last cell wrote results/<run>/<stage>/DONE.
+#   make reproduce                 # every stage at SCALE=default -> results/default/
+#   make smoke                     # every stage at SCALE=smoke (minutes) -> results/smoke/
+#   make stage STAGE=00_build_world SCALE=smoke OVERRIDES='["seed=1"]'   # -> results/smoke-<hash>/
+# A run with overrides gets its own folder, <scale>-<first 8 hex of sha256 of the overrides>, or
+# RUN=<name>. Before make looks at any stage, `python -m fire_core.pipeline plan` marks stages made
+# from another config as stale (they rerun) and links stages that another run finished with the
+# same config (they are reused).
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := help
@@ -18,7 +22,15 @@ PY := $(VENV)/bin/python
 KERNEL := fire-core
 ENV_STAMP := $(VENV)/.env-stamp
 RESULTS_ROOT ?= results
-RESULTS := $(RESULTS_ROOT)/$(SCALE)
+empty :=
+space := $(empty) $(empty)
+OVERRIDES_KEY := $(subst $(space),,$(strip $(OVERRIDES)))
+ifeq ($(origin RUN),undefined)
+RUN := $(if $(filter [],$(OVERRIDES_KEY)),$(SCALE),$(SCALE)-$(shell printf '%s' '$(OVERRIDES_KEY)' | sha256sum | cut -c1-8))
+endif
+RESULTS := $(RESULTS_ROOT)/$(RUN)
+PLAN = $(PY) -m fire_core.pipeline plan --results-root $(abspath $(RESULTS_ROOT)) --run $(RUN) \
+	--overrides '$(OVERRIDES)' $(SCALE)
 
 # Stages in pipeline order; each depends on the one before it. Adding a stage means adding a
 # notebook named <stage>.ipynb and its name here.
@@ -33,13 +45,19 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter-runtime
 export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 export PYTHONHASHSEED := 0
+# Same inputs, same bytes: MKL keeps one code path and thread split whatever the data's memory
+# alignment and the machine's load (fire_core/__init__.py sets the same for other entry points).
+export MKL_CBWR := AUTO,STRICT
+export MKL_DYNAMIC := FALSE
+export OMP_DYNAMIC := FALSE
 
-.PHONY: help env reproduce smoke stage test test-fast lint bench clean clean-all
+.PHONY: help env plan reproduce smoke stage test test-fast lint bench clean clean-all
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=smoke|default|paper (now $(SCALE)), OVERRIDES='[...]', STAGE=<name>"
+	@echo "  variables: SCALE=smoke|default|paper (now $(SCALE)), OVERRIDES='[...]', STAGE=<name>,"
+	@echo "             RUN=<folder under $(RESULTS_ROOT)/> (now $(RUN))"
 	@echo "  stages: $(STAGES)"
 
 env: $(ENV_STAMP) ## Build .venv and its Jupyter kernel (idempotent)
@@ -54,22 +72,33 @@ $(ENV_STAMP): pyproject.toml constraints.txt
 # One rule per stage: run the notebook, keep the executed copy beside the stage's outputs.
 define stage_rule
 $(RESULTS)/$(1)/DONE: notebooks/$(1).ipynb $(2) | $(ENV_STAMP)
+	@# a stage reused from another run is a link; a rerun gets a folder of its own
+	@if [ -L $(RESULTS)/$(1) ]; then rm $(RESULTS)/$(1); fi
 	@mkdir -p $(RESULTS)/$(1)
 	rm -f $$@
 	$(PY) -m papermill notebooks/$(1).ipynb $(RESULTS)/$(1)/$(1).ipynb \
 		--kernel $(KERNEL) --cwd $(CURDIR) --execution-timeout $(TIMEOUT) \
-		-p scale $(SCALE) -y 'overrides: $(OVERRIDES)' \
+		-p scale $(SCALE) -p run_id $(RUN) -y 'overrides: $(OVERRIDES)' \
 		-p results_root $(abspath $(RESULTS_ROOT)) --progress-bar
 	@test -f $$@ || (echo "stage $(1) finished without writing its DONE marker" >&2; exit 1)
 endef
 $(foreach s,$(STAGES),$(eval $(call stage_rule,$(s),$(if $(prev),$(RESULTS)/$(prev)/DONE)))$(eval prev := $(s)))
 
-reproduce: $(RESULTS)/$(lastword $(STAGES))/DONE ## Run every stage at SCALE (default: default)
+plan: $(ENV_STAMP) ## Show which stages are done, reused, stale or to run (marks stale ones)
+	$(PLAN) --upto $(if $(STAGE),$(STAGE),$(lastword $(STAGES)))
+
+# make stats DONE files only after the plan has run, so the plan and the stages run in two steps
+reproduce: $(ENV_STAMP) ## Run every stage at SCALE (default: default); reruns stale stages
+	$(PLAN)
+	$(MAKE) --no-print-directory $(RESULTS)/$(lastword $(STAGES))/DONE RUN=$(RUN)
 
 smoke: ## Run every stage at SCALE=smoke
 	$(MAKE) reproduce SCALE=smoke
 
-stage: $(RESULTS)/$(STAGE)/DONE ## Run one stage (and the ones it needs): STAGE=<name>
+stage: $(ENV_STAMP) ## Run one stage (and the ones it needs): STAGE=<name>
+	@test -n "$(STAGE)" || (echo "name a stage: make stage STAGE=<name>; stages: $(STAGES)" >&2; exit 2)
+	$(PLAN) --upto $(STAGE)
+	$(MAKE) --no-print-directory $(RESULTS)/$(STAGE)/DONE RUN=$(RUN)
 
 test: $(ENV_STAMP) ## Build the env if needed, then run every test (includes the smoke pipeline)
 	$(PY) -m pytest tests -q
@@ -83,7 +112,7 @@ lint: $(ENV_STAMP) ## ruff over the package, tests and notebooks
 bench: $(ENV_STAMP) ## Benchmarks; JSON under results/bench/
 	$(PY) -m fire_core.bench
 
-clean: ## Remove results of SCALE
+clean: ## Remove the results of one run (SCALE, OVERRIDES or RUN name it)
 	rm -rf $(RESULTS)
 
 clean-all: ## Remove every result, the env and caches

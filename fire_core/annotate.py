@@ -398,8 +398,13 @@ class GenStats:
     torn_bytes_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requested": self.requested, "written": self.written, "skipped_done": self.skipped_done,
-                "failures": dict(self.failures), "bad_images": self.bad_images,
+        """The dataset's generation counts. What depends on this particular run (resumed work,
+        torn bytes, time) is in ``run_dict`` and goes to the manifest, so that a resumed run
+        writes the same file as an uninterrupted one."""
+        return {"requested": self.requested, "failures": dict(self.failures), "bad_images": self.bad_images}
+
+    def run_dict(self) -> dict[str, Any]:
+        return {"written_now": self.written, "skipped_done": self.skipped_done,
                 "torn_bytes_dropped": self.torn_bytes_dropped}
 
 
@@ -539,13 +544,17 @@ def build_fire100k(cfg) -> Fire100kResult:
         # the world's ids are stable hashes of seed/family/split/index, so they stand for the image
         ids = rows["id"]
         rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed) for i in ids}
-        todo = [k for k, i in enumerate(ids) if rid_of[i] not in done]
-        stats.skipped_done = len(rows) - len(todo)
+        stats.skipped_done = sum(rid_of[i] in done for i in ids)
         model, processor = models.load(base_dir / "model")
         bs = d.batch_size
         rejects: list[dict[str, Any]] = []
-        for start in tqdm(range(0, len(todo), bs), desc="FIRE-100K dialogues", unit="batch"):
-            batch = [rows[i] for i in todo[start:start + bs]]
+        # Batches are fixed slices of all samples, not of the unfinished ones: a batch's float
+        # rounding depends on its other rows, so a rerun recomputes an unfinished batch whole
+        # (the same first answers as an uninterrupted run) and writes only what is missing.
+        for start in tqdm(range(0, len(ids), bs), desc="FIRE-100K dialogues", unit="batch"):
+            if all(rid_of[i] in done for i in ids[start:start + bs]):
+                continue
+            batch = [rows[i] for i in range(start, min(start + bs, len(ids)))]
             good = []
             for r in batch:
                 img = _image_ok(r)
@@ -559,6 +568,8 @@ def build_fire100k(cfg) -> Fire100kResult:
             firsts = models.generate(model, processor, convs, [im for _, im in good],
                                      max_new_tokens=cfg.train.max_new_tokens, batch_size=bs)
             firsts = [f if f.strip() else "I am not sure." for f in firsts]
+            missing = [k for k, (r, _) in enumerate(good) if rid_of[r["id"]] not in done]
+            good, firsts = [good[k] for k in missing], [firsts[k] for k in missing]
             if a.backend == "oracle":
                 for (r, _), first in zip(good, firsts, strict=True):
                     turns = oracle_dialogue(_sample_record(r), first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
@@ -587,8 +598,8 @@ def build_fire100k(cfg) -> Fire100kResult:
         table.to_csv(run.dir / "fire100k_stats.csv", index=False, float_format="%.2f")
         score_by_turn(kept).to_csv(run.dir / "score_by_turn.csv")
         provenance.write_json_atomic(run.dir / "gen_stats.json", {
-            **stats.as_dict(), "generated": len(records), "kept": len(kept), "dropped": dict(dropped),
-            "seconds": round(time.time() - t0, 1)})
+            **stats.as_dict(), "generated": len(records), "kept": len(kept), "dropped": dict(dropped)})
+        run.extra["generation_run"] = {**stats.run_dict(), "seconds": round(time.time() - t0, 1)}
         # a few example dialogues, image plus turns
         shown = kept[:3] or records[:3]  # the kept ones if any
         fig, axes = plt.subplots(max(1, len(shown)), 2, figsize=(11, 2.2 * max(1, len(shown))), squeeze=False,

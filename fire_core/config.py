@@ -37,6 +37,24 @@ CONF_DIR = REPO_ROOT / "conf"
 SEEN_FAMILIES = ["color", "count", "spatial", "chart", "ocr", "math", "table", "choice", "caption"]
 UNSEEN_FAMILIES = ["size", "odd_color", "chart_diff", "digit_sum", "quadrant"]
 SCALES = ["smoke", "default", "paper"]
+# The pipeline in order; each stage reads the outputs of the ones before it (the Makefile has
+# the same list).
+STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_train_teacher", "04_train_student",
+          "05_simulate_fire1m", "06_fire_bench"]
+# The config keys each stage's outputs depend on (a section name stands for all of its keys).
+# A stage's identity is the hash of these values and of the identity of the stage before it, so
+# an override reruns the stages that read it and every stage after them, never the ones before.
+# A stage not listed here depends on every key.
+_TRAINING_KEYS = ["seed", "world", "model", "train", "dialogue"]
+STAGE_KEYS: dict[str, list[str]] = {
+    "00_build_world": ["seed", "world"],
+    "01_train_base_vlm": _TRAINING_KEYS,
+    "02_generate_fire100k": [*_TRAINING_KEYS, "annotator"],
+    # stages 03-05 report paired bootstrap intervals of first-turn accuracy
+    "03_train_teacher": [*_TRAINING_KEYS, "annotator"],
+    "04_train_student": [*_TRAINING_KEYS, "annotator", "bench.n_bootstrap", "bench.ci"],
+    "05_simulate_fire1m": [*_TRAINING_KEYS, "annotator", "bench.n_bootstrap", "bench.ci"],
+}
 
 
 class ConfigError(ValueError):
@@ -55,10 +73,16 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class PathsConfig:
-    results: str = "results"  # stage outputs go to <results>/<scale>/<stage>/
+    results: str = "results"  # stage outputs go to <results>/<run>/<stage>/
+    # The run's folder name. None: the scale's name. The Makefile names a run with overrides
+    # <scale>-<hash of the overrides>, so runs with other overrides or seeds live side by side.
+    run: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.results), "paths.results", "must be a non-empty path")
+        if self.run is not None:
+            _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", self.run) is not None, "paths.run",
+                   f"must be a folder name (letters, digits, _ . = + -), got '{self.run}'")
 
 
 @dataclass
@@ -145,6 +169,7 @@ class TrainConfig:
     vision_pretrain_lr: float = 3e-3
     freeze_vision: bool = False  # LLaVA keeps its pretrained vision tower frozen
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
+    heldout_per_family: int = 8  # stage 01: val chats per family whose loss is measured before and after training
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
     group_by_length: bool = False  # batches of similar length: less padding for dialogues of 1-5 turns
@@ -165,6 +190,7 @@ class TrainConfig:
         _check(self.vision_pretrain_steps >= 0, "train.vision_pretrain_steps", f"must be >= 0, got {self.vision_pretrain_steps}")
         _check(0 < self.vision_pretrain_lr < 1, "train.vision_pretrain_lr", f"must be in (0, 1), got {self.vision_pretrain_lr}")
         _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
+        _check(self.heldout_per_family >= 1, "train.heldout_per_family", f"must be >= 1, got {self.heldout_per_family}")
         _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")
         if self.deepspeed is not None:
@@ -231,6 +257,10 @@ class DialogueConfig:
     student_max_new_tokens: int = 64  # responses average ~18 words
     teacher_max_new_tokens: int = 48  # "Score: N" and ~13 words of feedback
     cache_prefix: bool = True  # keep each dialogue's KV cache between turns (local models)
+    # Samples per unit of resumable simulation: a killed run redoes at most one unit, whole, so
+    # its batches (and float rounding) are those of an uninterrupted run. 8 batches of 64:
+    # refilling freed slots keeps the batch full for all but the unit's last turns.
+    resume_chunk: int = 512
     samples_per_family: int = 0  # stage 05: new train samples per seen family (0: all unused)
     heldout_fraction: float = 0.05  # stages 03-05: FIRE-100K dialogues kept out of training
     refine_per_family: int = 20  # stage 04: val samples per family for the first refinement look
@@ -242,6 +272,8 @@ class DialogueConfig:
                f"must lie on the score scale [{self.score_min}, {self.score_max}], got {self.threshold}")
         _check(self.max_turns >= 1, "dialogue.max_turns", f"must be >= 1, got {self.max_turns}")
         _check(self.batch_size >= 1, "dialogue.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.resume_chunk >= self.batch_size, "dialogue.resume_chunk",
+               f"must be >= dialogue.batch_size ({self.batch_size}), got {self.resume_chunk}")
         _check(self.student in ("hf", "openai"), "dialogue.student", f"must be 'hf' or 'openai', got '{self.student}'")
         _check(self.teacher in ("hf", "openai", "oracle"), "dialogue.teacher",
                f"must be 'hf', 'openai' or 'oracle', got '{self.teacher}'")
@@ -303,12 +335,17 @@ class FireConfig:
         _check(self.scale in SCALES, "scale", f"must be one of {SCALES}, got '{self.scale}'")
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
-    def stage_dir(self, stage: str | None = None) -> Path:
-        """Where a stage (this one by default) writes: <results>/<scale>/<stage>/."""
+    def run_dir(self) -> Path:
+        """Where this run's stages write: <results>/<run>/ (the run is the scale's name unless
+        ``paths.run`` names it)."""
         root = Path(self.paths.results)
         if not root.is_absolute():
             root = REPO_ROOT / root
-        return root / self.scale / (stage or self.stage)
+        return root / (self.paths.run or self.scale)
+
+    def stage_dir(self, stage: str | None = None) -> Path:
+        """Where a stage (this one by default) writes: <results>/<run>/<stage>/."""
+        return self.run_dir() / (stage or self.stage)
 
 
 ConfigStore.instance().store(name="fire_schema", node=FireConfig)
@@ -395,3 +432,25 @@ def load(config_name: str, overrides: list[str] | None = None) -> FireConfig:
 def to_dict(cfg: FireConfig) -> dict:
     """The resolved config as plain data (for manifests)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stage_keys(cfg: FireConfig, stage: str | None = None) -> dict[str, Any]:
+    """The flat ``key: value`` config that a stage's outputs depend on (see ``STAGE_KEYS``).
+    Where results go (``paths``) and how the overrides were spelled never count."""
+    stage = stage or cfg.stage
+    flat = {k: v for k, v in _flatten(to_dict(cfg)).items()
+            if not k.startswith("paths.") and k not in ("stage", "overrides")}
+    wanted = STAGE_KEYS.get(stage)
+    if wanted is None:
+        return flat
+    return {k: v for k, v in flat.items() if any(k == w or k.startswith(w + ".") for w in wanted)}

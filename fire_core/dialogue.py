@@ -245,16 +245,40 @@ def make_record(state: _State, stop: str, student: Role, teacher: Role, source: 
             "meta": {"student": student.name, "teacher": teacher.name}}
 
 
+def _chunks(samples: Iterable[dict[str, Any]], size: int | None) -> Iterator[Iterable[dict[str, Any]]]:
+    if not size:
+        yield samples
+        return
+    chunk: list[dict[str, Any]] = []
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, seed: int, store=None,
         source: str | None = None, progress: bool = True, total: int | None = None,
-        on_record: Callable[[dict[str, Any]], None] | None = None) -> EngineResult:
+        on_record: Callable[[dict[str, Any]], None] | None = None, done: set[str] | None = None,
+        chunk: int | None = None) -> EngineResult:
     """Run student x teacher dialogues over ``samples`` (dicts with id, request_id, question,
     answer, family, image (PIL), and for the oracle scene/response). Finished dialogues go to
-    ``store`` (a ShardStore) as they end; the caller skips request ids already there."""
+    ``store`` (a ShardStore) as they end.
+
+    Resuming exactly: with ``chunk``, the samples are taken in fixed consecutive chunks and a
+    freed batch slot is refilled only from the same chunk, so which dialogues share a batch
+    depends on the sample list alone. A rerun passes every sample and the request ids already in
+    the store as ``done``: chunks that are all done are skipped, and an unfinished chunk is run
+    whole again (in the same batches, so with the same float rounding) and only its missing
+    dialogues are stored. Floating-point results of a batch depend on its other rows, so a rerun
+    that batched only the missing samples could give other dialogues than an uninterrupted run.
+    """
     from tqdm.auto import tqdm
 
     source = source or f"{student.name}x{teacher.name}"
-    queue: Iterator[dict[str, Any]] = iter(samples)
+    done = done or set()
     active: list[_State] = []
     records: list[dict[str, Any]] = []
     timing = {"student": 0.0, "teacher": 0.0, "other": 0.0}
@@ -264,73 +288,78 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
     steps = 0
     t_start = time.perf_counter()
     bar = tqdm(total=total, desc=f"dialogues {source}", unit="dlg", disable=not progress)
-    exhausted = False
     try:
-        while True:
-            while not exhausted and len(active) < dcfg.batch_size:
-                nxt = next(queue, None)
-                if nxt is None:
-                    exhausted = True
+        for part in _chunks(samples, chunk):
+            if chunk and all(x["request_id"] in done for x in part):
+                bar.update(len(part))  # type: ignore[arg-type]
+                continue
+            queue: Iterator[dict[str, Any]] = iter(part)
+            exhausted = False
+            while True:
+                while not exhausted and len(active) < dcfg.batch_size:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        active.append(_State(nxt))
+                if not active:
+                    break
+                steps += 1
+                keys = [s.key for s in active]
+                # the student answers for every active dialogue
+                t0 = time.perf_counter()
+                convs = [prompts.student_prompt(s.sample["question"], s.history()) for s in active]
+                responses = _generate(student, keys, convs, active, failures)
+                t1 = time.perf_counter()
+                timing["student"] += t1 - t0
+                # the teacher judges all of them
+                ok = [i for i, r in enumerate(responses) if r is not None]
+                replies: list[dict[str, Any] | None] = [None] * len(active)
+                if teacher.kind == "oracle":
+                    for i in ok:
+                        s = active[i]
+                        replies[i] = oracle_judge(s.sample, responses[i], [t["response"] for t in s.turns], seed)
                 else:
-                    active.append(_State(nxt))
-            if not active:
-                break
-            steps += 1
-            keys = [s.key for s in active]
-            # the student answers for every active dialogue
-            t0 = time.perf_counter()
-            convs = [prompts.student_prompt(s.sample["question"], s.history()) for s in active]
-            responses = _generate(student, keys, convs, active, failures)
-            t1 = time.perf_counter()
-            timing["student"] += t1 - t0
-            # the teacher judges all of them
-            ok = [i for i, r in enumerate(responses) if r is not None]
-            replies: list[dict[str, Any] | None] = [None] * len(active)
-            if teacher.kind == "oracle":
-                for i in ok:
-                    s = active[i]
-                    replies[i] = oracle_judge(s.sample, responses[i], [t["response"] for t in s.turns], seed)
-            else:
-                tconvs = [prompts.teacher_prompt(active[i].sample["question"], active[i].sample["answer"],
-                                                 active[i].history(), responses[i]) for i in ok]
-                texts = _generate(teacher, [keys[i] for i in ok], tconvs, [active[i] for i in ok], failures)
-                for i, text in zip(ok, texts, strict=True):
-                    if text is not None:
-                        p = prompts.parse_teacher(text, dcfg.score_min, dcfg.score_max)
-                        replies[i] = {"score": p.score, "feedback": p.feedback, "parsable": p.parsable, "raw": text}
-            t2 = time.perf_counter()
-            timing["teacher"] += t2 - t1
-            still = []
-            for i, s in enumerate(active):
-                if replies[i] is None:  # a remote request failed for good: not written, rerun retries it
-                    failures["dialogues_abandoned"] += 1
+                    tconvs = [prompts.teacher_prompt(active[i].sample["question"], active[i].sample["answer"],
+                                                     active[i].history(), responses[i]) for i in ok]
+                    texts = _generate(teacher, [keys[i] for i in ok], tconvs, [active[i] for i in ok], failures)
+                    for i, text in zip(ok, texts, strict=True):
+                        if text is not None:
+                            p = prompts.parse_teacher(text, dcfg.score_min, dcfg.score_max)
+                            replies[i] = {"score": p.score, "feedback": p.feedback, "parsable": p.parsable, "raw": text}
+                t2 = time.perf_counter()
+                timing["teacher"] += t2 - t1
+                still = []
+                for i, s in enumerate(active):
+                    if replies[i] is None:  # a remote request failed for good: not written, rerun retries it
+                        failures["dialogues_abandoned"] += 1
+                        _forget(student, s.key)
+                        _forget(teacher, s.key)
+                        bar.update(1)
+                        continue
+                    r, rep = responses[i], replies[i]
+                    tokens["student"] += student.tokens(r)
+                    tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
+                    s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
+                                    "parsable": rep["parsable"], "raw": rep["raw"],
+                                    "correct": world.is_correct(s.sample["family"], r, s.sample["answer"])})
+                    stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
+                            else "max_turns" if len(s.turns) >= dcfg.max_turns else None)
+                    if stop is None:
+                        still.append(s)
+                        continue
+                    rec = make_record(s, stop, student, teacher, source)
+                    if store is not None and rec["request_id"] not in done:
+                        store.append(rec)
+                    if on_record is not None:
+                        on_record(rec)
+                    records.append(rec)
+                    stops[stop] += 1
                     _forget(student, s.key)
                     _forget(teacher, s.key)
                     bar.update(1)
-                    continue
-                r, rep = responses[i], replies[i]
-                tokens["student"] += student.tokens(r)
-                tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
-                s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
-                                "parsable": rep["parsable"], "raw": rep["raw"],
-                                "correct": world.is_correct(s.sample["family"], r, s.sample["answer"])})
-                stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
-                        else "max_turns" if len(s.turns) >= dcfg.max_turns else None)
-                if stop is None:
-                    still.append(s)
-                    continue
-                rec = make_record(s, stop, student, teacher, source)
-                if store is not None:
-                    store.append(rec)
-                if on_record is not None:
-                    on_record(rec)
-                records.append(rec)
-                stops[stop] += 1
-                _forget(student, s.key)
-                _forget(teacher, s.key)
-                bar.update(1)
-            active = still
-            timing["other"] += time.perf_counter() - t2
+                active = still
+                timing["other"] += time.perf_counter() - t2
     finally:
         bar.close()
         for s in active:  # interrupted: nothing cached survives
@@ -411,10 +440,6 @@ def simulate_fire1m(cfg) -> Fire1mResult:
     from fire_core import eval as evaluate
     from fire_core.annotate import ShardStore, request_id
 
-    if cfg.train.num_threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.num_threads)
     t0 = time.time()
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
@@ -441,10 +466,10 @@ def simulate_fire1m(cfg) -> Fire1mResult:
         store = ShardStore(stage.dir / "raw", cfg.annotator.n_shards)
         torn = store.repair()
         done = store.done_ids()
-        todo = [k for k, sid in enumerate(rows["id"]) if rid_of[sid] not in done]
-        log.info("FIRE-1M: %d samples, %d already simulated, %d to go", len(rows), len(rows) - len(todo), len(todo))
-        res = run(world_samples(rows.select(todo), rid_of.__getitem__, with_scene=False), student, teacher, d,
-                  cfg.seed, store=store, source="world/fire1m", total=len(todo))
+        n_done = sum(rid_of[sid] in done for sid in rows["id"])
+        log.info("FIRE-1M: %d samples, %d already simulated, %d to go", len(rows), n_done, len(rows) - n_done)
+        res = run(world_samples(rows, rid_of.__getitem__, with_scene=False), student, teacher, d,
+                  cfg.seed, store=store, source="world/fire1m", total=len(rows), done=done, chunk=d.resume_chunk)
         wanted = set(rid_of.values())
         records = [r for r in store.all_sorted() if r["request_id"] in wanted]
         kept, dropped = annotate.apply_filter(records, filter_reason)
@@ -456,25 +481,27 @@ def simulate_fire1m(cfg) -> Fire1mResult:
         stats = stats[["dataset", *[c for c in stats.columns if c != "dataset"]]]
         stats.to_csv(stage.dir / "fire1m_stats.csv", index=False, float_format="%.2f")
         annotate.score_by_turn(kept).to_csv(stage.dir / "score_by_turn.csv")
-        engine = {"samples": len(rows), "simulated_now": len(res.records), "generated": len(records),
+        engine = {"samples": len(rows), "generated": len(records),
                   "kept": len(kept), "dropped": dict(dropped), "stops": dict(Counter(r["stop"] for r in records)),
-                  "failures": dict(res.failures), "torn_bytes_dropped": torn,
                   "ratio_to_fire100k": round(len(kept) / max(1, len(f100_all)), 3),
-                  "seconds": round(res.timing["total"], 1),
-                  "timing": {k: round(v, 1) for k, v in res.timing.items()},
-                  "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1),
                   "metrics": evaluate.dialogue_metrics(records, d.threshold, d.max_turns) if records else {}}
         provenance.write_json_atomic(stage.dir / "simulation_stats.json", engine)
+        # what this particular run did (time, resumed work) is bookkeeping: the manifest keeps it
+        engine_run = {"simulated_now": len(records) - n_done, "torn_bytes_dropped": torn,
+                      "failures": dict(res.failures), "seconds": round(res.timing["total"], 1),
+                      "timing": {k: round(v, 1) for k, v in res.timing.items()},
+                      "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1)}
         del s_model, t_model
         student.generator = teacher.generator = None
         # the FIRE student: from the base VLM, on FIRE-100K (its training part) + FIRE-1M
         image_of = train.image_lookup(train_ds)
         examples = train.student_examples(f100_train + kept, image_of)
-        fit, processor = train._fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student")
+        fit, processor = train._fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student",
+                                              train.student_examples(f100_held, image_of))
         table, diff, _ = train.first_turn_report(cfg, fit.model, processor, stage, base_dir, ds, "fire_student")
-        stage.extra.update({"simulation": engine, "fire_student_examples": len(examples),
+        stage.extra.update({"simulation": engine, "simulation_run": engine_run, "fire_student_examples": len(examples),
                           "first_turn_accuracy": table.iloc[0].to_dict(), "first_turn_difference": diff,
                           "stage_seconds": round(time.time() - t0, 1)})
-    return Fire1mResult(dir=stage.dir, kept=kept, dropped=dropped, stats=stats, engine=engine, fit=fit,
-                        first_turn=table)
+    return Fire1mResult(dir=stage.dir, kept=kept, dropped=dropped, stats=stats, engine={**engine, **engine_run},
+                        fit=fit, first_turn=table)
 

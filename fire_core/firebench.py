@@ -116,12 +116,9 @@ def run_fire_bench(cfg) -> BenchResult:
     """Stage 06 (see the module docstring)."""
     import matplotlib.pyplot as plt
     import pandas as pd
-    import torch
 
     from fire_core import annotate, dialogue, plots, provenance, train, world
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     t0 = time.time()
     dirs = {s: provenance.require_stage(cfg, s) for s in ("00_build_world", "01_train_base_vlm", "03_train_teacher",
                                                           "04_train_student", "05_simulate_fire1m")}
@@ -232,11 +229,11 @@ def run_fire_bench(cfg) -> BenchResult:
                    cfg=cfg)
         examples = pick_examples(free_records, 3)
         _example_figure(examples, images, run.dir / "example_dialogues", cfg)
-        summary = {"seconds": round(time.time() - t0, 1), "test_dialogues": len(rows), "gold_dialogues": len(gold),
+        summary = {"test_dialogues": len(rows), "gold_dialogues": len(gold),
                    "headline": free[free.subset == "all"][["provider", "model", *HEADLINE, "AT_rel"]].to_dict("records"),
                    "examples": [e["id"] for e in examples]}
         provenance.write_json_atomic(run.dir / "fire_bench.json", summary)
-        run.extra.update(summary)
+        run.extra.update({**summary, "seconds": round(time.time() - t0, 1)})
     return BenchResult(dir=run.dir, free=free, per_family=per_family, fixed_student=fixed_student,
                        fixed_teacher=fixed_teacher, curves=curves, seconds=time.time() - t0)
 

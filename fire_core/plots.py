@@ -5,7 +5,9 @@
 
 writes ``world_examples.png`` and ``world_examples.pdf`` with fixed metadata (a rerun gives
 identical bytes) and ``world_examples.json``, a sidecar naming the results files (with their
-hashes), the stage, scale, seed and overrides that made the figure.
+hashes), the stage, scale, seed and overrides that made the figure. Paths in the sidecar are
+relative to the results root (``<run>/<stage>/...``), so the same run made under another root
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ _PNG_META = {"Software": None}
 _PDF_META = {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None}
 
 
-def _rel(p: Path) -> str:
-    p = Path(p).resolve()
-    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
+def _rel(p: Path, root: Path) -> str:
+    p, root = Path(p).absolute(), Path(root).absolute()
+    for base in (root, REPO_ROOT):
+        if p.is_relative_to(base):
+            return p.relative_to(base).as_posix()
+    return str(p)
 
 
 def save(fig: Figure, stem: Path, sources: list[Path], cfg: FireConfig, dpi: int = 150,
@@ -40,13 +45,14 @@ def save(fig: Figure, stem: Path, sources: list[Path], cfg: FireConfig, dpi: int
     png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     fig.savefig(png, dpi=dpi, metadata=_PNG_META, bbox_inches="tight")
     fig.savefig(pdf, metadata=_PDF_META, bbox_inches="tight")
+    root = cfg.run_dir().parent
     sidecar = {
-        "figure": [_rel(png), _rel(pdf)],
-        "sources": {_rel(s): sha256_tree(s) for s in sources},
+        "figure": [_rel(png, root), _rel(pdf, root)],
+        "sources": {_rel(s, root): sha256_tree(s) for s in sources},
         "stage": cfg.stage,
         "scale": cfg.scale,
         "seed": cfg.seed,
-        "overrides": list(cfg.overrides),
+        "overrides": [o for o in cfg.overrides if not o.startswith("paths.")],
         "git_commit": git_state()["commit"],
     }
     write_json_atomic(stem.with_suffix(".json"), sidecar)

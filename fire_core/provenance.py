@@ -1,4 +1,5 @@
-"""Provenance for every stage: ``manifest.json`` and the ``DONE`` marker.
+"""Provenance for every stage: ``manifest.json``, the ``DONE`` marker, the stage's identity and
+the seeding that makes a rerun give the same bytes.
 
 A stage entry point wraps its work in :func:`stage_run`::
 
@@ -10,15 +11,31 @@ On exit it writes ``<stage_dir>/manifest.json`` atomically (temp file + rename) 
 commit and dirty flag, the resolved config and overrides, package versions, the seed, sha256
 hashes of the inputs and outputs, wall time and peak memory. The notebook's last cell calls
 :func:`mark_done`; the Makefile treats a stage as finished only when ``DONE`` exists.
+
+**Identity.** A stage's identity is a hash of the config keys it depends on
+(``config.STAGE_KEYS``) and of the identity of the stage before it, so it stands for the whole
+chain of configs that made its outputs. It is written into the manifest; :func:`require_stage`
+refuses an upstream folder whose identity is not the one the current config asks for (naming the
+keys that differ), and ``python -m fire_core.pipeline plan`` (run by ``make``) reruns or reuses
+stages by it. Code changes are not part of the identity: ``make clean`` after changing code.
+
+**Same seed, same bytes.** :func:`stage_run` seeds Python, NumPy and torch from ``cfg.seed``, pins
+torch's thread count (``train.num_threads``) and turns on torch's deterministic algorithms before
+the stage's work starts, and begins from a clean folder: files of an earlier run are removed, and
+only resumable state (``raw/`` shards, ``checkpoints/``) of an unfinished run with the same
+identity is kept.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,16 +47,92 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fire_core import config
 from fire_core.config import REPO_ROOT, FireConfig, to_dict
 
 # Files a stage writes about itself; they are not part of its hashed outputs.
 BOOKKEEPING = {"manifest.json", "DONE"}
+# What an unfinished run leaves that a rerun of the same identity resumes from: the sharded JSONL
+# of generated dialogues and the Trainer's checkpoints. Everything else is rebuilt.
+RESUMABLE = {"raw", "checkpoints"}
+ATTEMPT = ".attempt"  # identity of the run that last started in a stage folder
 PACKAGES = ["fire_core", "torch", "transformers", "peft", "deepspeed", "datasets", "hydra-core",
             "omegaconf", "papermill", "pillow", "numpy", "openai", "pycocoevalcap", "accelerate"]
 
 
 class MissingInputError(FileNotFoundError):
     """A stage's input (usually an earlier stage's output) is not there."""
+
+
+class StaleInputError(RuntimeError):
+    """An earlier stage's output was made from another config than the one asked for now."""
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _expected(stage: str, overrides: tuple[str, ...]) -> tuple[str, str]:
+    """(identity, upstream identity) of ``stage`` under ``overrides``, from the config alone."""
+    idx = config.STAGES.index(stage) if stage in config.STAGES else len(config.STAGES)
+    upstream = _expected(config.STAGES[idx - 1], overrides)[0] if idx > 0 else ""
+    keys = config.stage_keys(config.load(stage, list(overrides)), stage)
+    return _hash({"stage": stage, "keys": keys, "upstream": upstream}), upstream
+
+
+def expected_identity(stage: str, overrides: list[str]) -> str:
+    """The identity a stage's outputs must have under ``overrides`` (those given to
+    ``config.load``): a hash of its config keys and of the stages before it."""
+    return _expected(stage, tuple(overrides))[0]
+
+
+def identity(cfg: FireConfig) -> dict[str, Any]:
+    """This stage's identity from its actual config and the identity of the stage before it."""
+    stage = cfg.stage
+    idx = config.STAGES.index(stage) if stage in config.STAGES else len(config.STAGES)
+    upstream = expected_identity(config.STAGES[idx - 1], list(cfg.overrides)) if idx > 0 else ""
+    keys = config.stage_keys(cfg)
+    return {"hash": _hash({"stage": stage, "keys": keys, "upstream": upstream}), "upstream": upstream, "keys": keys}
+
+
+def stage_identity(stage_dir: Path) -> dict[str, Any] | None:
+    """The identity recorded by a finished stage (None when unfinished or from older code)."""
+    d = Path(stage_dir)
+    if not (d / "DONE").is_file() or not (d / "manifest.json").is_file():
+        return None
+    try:
+        return json.loads((d / "manifest.json").read_text()).get("identity")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def explain_difference(recorded: dict[str, Any] | None, stage: str, overrides: list[str]) -> str:
+    """Which config keys differ between a finished stage and what ``overrides`` ask for."""
+    if recorded is None:
+        return "it has no identity (made by older code)"
+    want = config.stage_keys(config.load(stage, list(overrides)), stage)
+    have = recorded.get("keys", {})
+    diff = sorted(k for k in set(want) | set(have) if want.get(k, "<unset>") != have.get(k, "<unset>"))
+    if diff:
+        shown = ", ".join(f"{k}: {have.get(k, '<unset>')!r} -> {want.get(k, '<unset>')!r}" for k in diff[:8])
+        return f"config keys differ: {shown}" + (f" (and {len(diff) - 8} more)" if len(diff) > 8 else "")
+    return "a stage before it was made from another config"
+
+
+def make_deterministic(seed: int, num_threads: int) -> None:
+    """Seed every generator and pin what else changes floating-point results between runs: the
+    thread count (reductions split by thread) and torch's choice of algorithms."""
+    import numpy as np
+    import torch  # imported here: the planning CLI uses this module without torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.mkldnn.deterministic = True  # oneDNN's own switch; the line above leaves it off
 
 
 @dataclass
@@ -49,6 +142,7 @@ class StageRun:
     inputs: list[Path]
     started: float = field(default_factory=time.time)
     extra: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -129,23 +223,48 @@ def require(path: Path, what: str, hint: str = "") -> Path:
 
 
 def require_stage(cfg: FireConfig, stage: str) -> Path:
-    """The output folder of an earlier stage, which must have finished (DONE written)."""
+    """The output folder of an earlier stage, which must have finished (DONE written) from the
+    config that ``cfg``'s overrides ask for; otherwise a clear error, never stale data."""
     d = cfg.stage_dir(stage)
-    require(d / "DONE", f"stage {stage} output (scale={cfg.scale})",
-            f"Run `make stage STAGE={stage} SCALE={cfg.scale}` first.")
+    hint = f"Run `make stage STAGE={stage} SCALE={cfg.scale}` first."
+    require(d / "DONE", f"stage {stage} output (run {d.parent.name})", hint)
+    recorded = stage_identity(d)
+    if recorded is None or recorded.get("hash") != expected_identity(stage, list(cfg.overrides)):
+        raise StaleInputError(
+            f"stage {stage} in {d} was made from another config than this run asks for: "
+            f"{explain_difference(recorded, stage, list(cfg.overrides))}. `make` reruns stale stages "
+            f"(make stage STAGE={cfg.stage} SCALE={cfg.scale} OVERRIDES=...), or give this run its own "
+            "folder with paths.run=<name>.")
     return d
+
+
+def _clean_stage_dir(out: Path, ident: str) -> None:
+    """Start from a folder that holds only what this run will write: files of an earlier run go;
+    resumable state stays only if the unfinished run there had this same identity."""
+    if out.is_symlink():  # reused from another run: never write into that run's folder
+        out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    attempt = out / ATTEMPT
+    same = attempt.is_file() and attempt.read_text().strip() == ident
+    for p in out.iterdir():
+        if p.suffix == ".ipynb" or p.name == ATTEMPT or (same and p.name in RESUMABLE):
+            continue  # papermill is writing the executed notebook here right now
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    attempt.write_text(ident + "\n")
 
 
 @contextmanager
 def stage_run(cfg: FireConfig, inputs: list[Path] | None = None) -> Iterator[StageRun]:
-    """Run a stage in its folder and write its manifest when the work succeeds."""
+    """Run a stage in a clean folder, seeded and deterministic; write its manifest when the work
+    succeeds."""
     out = cfg.stage_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "DONE").unlink(missing_ok=True)  # a rerun is unfinished until its notebook ends
+    ident = identity(cfg)
     inputs = [Path(p) for p in (inputs or [])]
     for p in inputs:
         require(p, "stage input")
-    run = StageRun(dir=out, cfg=cfg, inputs=inputs)
+    _clean_stage_dir(out, ident["hash"])
+    make_deterministic(cfg.seed, cfg.train.num_threads)
+    run = StageRun(dir=out, cfg=cfg, inputs=inputs, identity=ident)
     yield run
     write_manifest(run)
 
@@ -159,6 +278,8 @@ def write_manifest(run: StageRun) -> Path:
     manifest = {
         "stage": run.cfg.stage,
         "scale": run.cfg.scale,
+        "run": run.dir.parent.name,
+        "identity": run.identity,
         "seed": run.cfg.seed,
         "overrides": list(run.cfg.overrides),
         "config": to_dict(run.cfg),

@@ -15,6 +15,7 @@ weights as an uninterrupted run (tested).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -173,6 +174,31 @@ class FitResult:
     trainable_tokens: int
     resumed_from: str | None
     trainable_params: int
+    # mean loss per trained token on a fixed held-out set, before and after training: "it
+    # learned" means after < before (one noisy training step against another proves nothing)
+    heldout_loss_before: float | None = None
+    heldout_loss_after: float | None = None
+
+
+@torch.no_grad()
+def heldout_loss(model, dataset: SFTDataset, processor, batch_size: int = 16) -> float:
+    """Mean loss per trained (unmasked) token of ``model`` on every chat of ``dataset``."""
+    collate = Collator(processor)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
+            if n:
+                total += float(model(**batch).loss) * n
+                count += n
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("the held-out set has no trained tokens")
+    return total / count
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -236,16 +262,18 @@ def reset_deepspeed_state() -> None:
 def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path, seed: int,
         max_steps: int = -1, save_steps: int | None = None, resume: bool = True,
         logging_steps: int | None = None, save_dir: Path | None = None,
-        callbacks: Sequence[Any] = ()) -> FitResult:
+        callbacks: Sequence[Any] = (), heldout: SFTDataset | None = None) -> FitResult:
     """Train with the HF Trainer; checkpoints go to ``out_dir/checkpoints`` (resumable).
 
     With ``save_dir`` the final model (a LoRA adapter for method=lora) and the processor are
     saved there through the Trainer, which gathers ZeRO-3 partitions. After a DeepSpeed run the
-    returned model is reloaded from ``save_dir`` as a plain fp32 model.
+    returned model is reloaded from ``save_dir`` as a plain fp32 model. With ``heldout`` the
+    loss on those chats is measured before and after training.
     """
     from transformers import TrainingArguments, set_seed
 
     set_seed(seed)
+    before = heldout_loss(model, heldout, processor, tcfg.batch_size) if heldout is not None else None
     if tcfg.method == "lora" and not hasattr(model, "peft_config"):
         model = apply_lora(model, tcfg)
     if tcfg.deepspeed:
@@ -266,13 +294,17 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     fp_file.write_text(fingerprint + "\n")
     steps_per_epoch = max(1, len(dataset) // (tcfg.batch_size * tcfg.grad_accum))
     total = max_steps if max_steps > 0 else int(steps_per_epoch * tcfg.epochs)
+    logging_steps = logging_steps or max(1, total // 50)
+    # checkpoints only at logged steps: the Trainer averages a logged loss since the last log
+    # or resume, so a resume between two logs would log another number than an uninterrupted run
+    save_steps = save_steps or max(logging_steps, (total // 4) // logging_steps * logging_steps)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum, learning_rate=tcfg.learning_rate,
         num_train_epochs=tcfg.epochs, max_steps=max_steps, warmup_steps=tcfg.warmup_ratio,
         lr_scheduler_type=tcfg.lr_scheduler, weight_decay=tcfg.weight_decay, max_grad_norm=1.0,
-        logging_steps=logging_steps or max(1, total // 50), logging_first_step=True,
-        save_strategy="steps", save_steps=save_steps or max(1, total // 4), save_total_limit=1,
+        logging_steps=logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=1,
         seed=seed, data_seed=seed, use_cpu=True, bf16=tcfg.bf16, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, deepspeed=tcfg.deepspeed,
         optim="adamw_torch", disable_tqdm=False,
@@ -284,7 +316,9 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     if resume_from:
         log.info("resuming from %s", resume_from)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
+    tower_trains = any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+    with native_convolution() if tower_trains else contextlib.nullcontext():
+        trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - t0
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -292,6 +326,9 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     if save_dir is not None:
         trainer.save_model(str(save_dir))
         processor.save_pretrained(save_dir)
+        # a pickle of the TrainingArguments, with this machine's absolute paths in it: the
+        # manifest records the config, and the same run elsewhere must give the same bytes
+        Path(save_dir, "training_args.bin").unlink(missing_ok=True)
     if tcfg.deepspeed:
         reset_deepspeed_state()
         if save_dir is None:
@@ -299,15 +336,27 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         from fire_core import models
 
         final, _ = models.load(save_dir, dtype=torch.float32)
+    after = heldout_loss(final, heldout, processor, tcfg.batch_size) if heldout is not None else None
     return FitResult(model=final, losses=losses, steps=trainer.state.global_step, seconds=seconds,
                      tokens=dataset.n_tokens, trainable_tokens=dataset.n_trainable_tokens,
-                     resumed_from=resume_from, trainable_params=trainable)
+                     resumed_from=resume_from, trainable_params=trainable,
+                     heldout_loss_before=before, heldout_loss_after=after)
 
 
 # ---------------------------------------------------------------------------------------------
 # Vision pretraining: LLaVA starts from a pretrained CLIP/SigLIP tower. With nothing to download,
 # we pretrain ours on the world: each patch's colour, kind and character come from the scene
 # record (dense supervision, seconds on a CPU), then the heads are thrown away.
+
+
+def native_convolution():
+    """PyTorch's own convolution instead of oneDNN's, for steps that train the vision tower.
+    Measured here: about one run in twenty of stage 01 had a patch-embedding weight gradient that
+    differed in the last bits from the first step on (all other weights equal), so runs with the
+    same seed gave different towers. PyTorch's convolution (im2col and an MKL matrix product) has
+    no such variation; it makes the tower's training step about 1.4x slower. A frozen tower never
+    runs the convolution's backward, so the other stages keep oneDNN."""
+    return torch.backends.mkldnn.flags(enabled=False)
 
 
 @dataclass
@@ -341,6 +390,7 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     sub = rows.select(order)
     pix = _pixels(sub["image"])
     labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
+    torch.manual_seed(seed)  # the heads' initial weights
     heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
                                  (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
     params = list(tower.parameters()) + list(heads.parameters())
@@ -357,11 +407,12 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
 
     for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
         b = train_idx[torch.randint(len(train_idx), (batch_size,), generator=gen)]
-        h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
-        loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
-                   for k, head in enumerate(heads))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with native_convolution():
+            h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+            loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
+                       for k, head in enumerate(heads))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -453,8 +504,6 @@ def train_base_vlm(cfg) -> BaseResult:
     from fire_core import eval as evaluate
     from fire_core import models, plots, provenance, world
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     ds = world.load(cfg)
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset"]) as run:
@@ -470,6 +519,7 @@ def train_base_vlm(cfg) -> BaseResult:
                                                               cfg.train.max_per_family, cfg.seed))
             tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
             processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
+            torch.manual_seed(cfg.seed)  # the random initial weights
             model = models.build_model(cfg.model, processor)
             if cfg.train.vision_pretrain_steps > 0:
                 vision = pretrain_vision(model, ds["train"], cfg.train.vision_pretrain_steps, 64,
@@ -478,9 +528,14 @@ def train_base_vlm(cfg) -> BaseResult:
             if cfg.train.freeze_vision:
                 freeze_vision(model)
             dataset = SFTDataset(base_examples(train_rows, cfg, rng), processor, cfg.model.max_length)
+            held_rows = ds["val"].select(sorted(select_per_family(ds["val"], cfg.world.seen_families,
+                                                                  cfg.train.heldout_per_family, cfg.seed)))
+            heldout = SFTDataset(base_examples(held_rows, cfg, random.Random(cfg.seed)), processor,
+                                 cfg.model.max_length)
             log.info("base VLM: %d chats, %d tokens, %s params", len(dataset), dataset.n_tokens,
                      models.param_count(model))
-            result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=model_dir)
+            result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=model_dir,
+                         heldout=heldout)
             model = result.model
             shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
 
@@ -511,7 +566,8 @@ def train_base_vlm(cfg) -> BaseResult:
                 "tokens_per_epoch": result.tokens,
                 "tokens_per_s": round(result.tokens * cfg.train.epochs / max(result.seconds, 1e-9), 1),
                 "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
-                "resumed_from": result.resumed_from})
+                "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,
+                "heldout_chats": len(heldout), "resumed_from": result.resumed_from})
         if vision is not None:
             run.extra["vision_pretraining"] = {
                 "steps": len(vision.losses), "images": vision.images, "seconds": round(vision.seconds, 1),
@@ -609,22 +665,27 @@ def _loss_plot(result: FitResult, run, cfg, title: str) -> None:
     plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
 
 
-def _fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: Path, title: str):
-    """Train a copy of the base VLM on ``examples``; returns the FitResult and the processor."""
+def _fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: Path, title: str,
+                   heldout: list[Example]):
+    """Train a copy of the base VLM on ``examples``; returns the FitResult and the processor.
+    ``heldout`` (chats never trained on) measures the loss before and after training."""
     from fire_core import models
 
     model, processor = load_base(cfg, base_dir)
     if cfg.train.freeze_vision:
         freeze_vision(model)
     dataset = SFTDataset(examples, processor, cfg.model.max_length)
+    held = SFTDataset(heldout, processor, cfg.model.max_length)
     log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
              dataset.n_trainable_tokens)
-    result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir)
+    result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir, heldout=held)
     shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
     _loss_plot(result, run, cfg, title)
     run.extra.update({"train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(dataset),
                       "tokens": result.tokens, "trained_tokens": result.trainable_tokens,
                       "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
+                      "heldout_loss_before": result.heldout_loss_before,
+                      "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(held),
                       "resumed_from": result.resumed_from, "params": models.param_count(result.model)})
     return result, processor
 
@@ -647,8 +708,6 @@ def train_teacher(cfg) -> TeacherResult:
     from fire_core import annotate, provenance, world
     from fire_core import eval as evaluate
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
@@ -659,7 +718,7 @@ def train_teacher(cfg) -> TeacherResult:
                                            f100_dir / "raw"]) as run:
         model_dir = run.dir / "model"
         result, processor = _fit_from_base(cfg, base_dir, teacher_examples(train_recs, image_of), run, model_dir,
-                                           "Teacher")
+                                           "Teacher", teacher_examples(held, image_of))
         # gold dialogues on the unseen families, from the base VLM's first answers
         base, base_proc = load_base(cfg, base_dir)
         uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.eval_per_family, cfg.seed)
@@ -750,20 +809,18 @@ def train_student(cfg) -> StudentResult:
     from fire_core import annotate, dialogue, provenance, world
     from fire_core import eval as evaluate
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
     teacher_dir = provenance.require_stage(cfg, "03_train_teacher")
     ds = world.load(cfg)
-    train_recs, _ = load_fire100k(cfg)
+    train_recs, held = load_fire100k(cfg)
     image_of = image_lookup(ds["train"])
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model", f100_dir / "fire100k.jsonl",
                                            teacher_dir / "model"]) as run:
         model_dir = run.dir / "model"
         result, processor = _fit_from_base(cfg, base_dir, student_examples(train_recs, image_of), run, model_dir,
-                                           "FIRE100K student")
+                                           "FIRE100K student", student_examples(held, image_of))
         table, diff, rows = first_turn_report(cfg, result.model, processor, run, base_dir, ds, "fire100k_student")
         # a first look at refinement: base and student, each with the trained teacher
         from fire_core import models
@@ -772,15 +829,15 @@ def train_student(cfg) -> StudentResult:
         base, b_proc = load_base(cfg, base_dir)
         look = sorted(select_per_family(ds["val"], cfg.world.seen_families, cfg.dialogue.refine_per_family, cfg.seed + 4))
         look_rows = ds["val"].select(look)
-        metrics, dialogs = [], []
+        metrics, dialogs, look_seconds = [], [], {}
         for name, m, p in (("base", base, b_proc), ("fire100k_student", result.model, processor)):
             s_role, t_role = dialogue.roles_from_config(cfg.dialogue, m, p, teacher, t_proc, student_name=name)
             rid = lambda i, name=name: annotate.request_id(i, "refine-look", name)  # noqa: E731
             res = dialogue.run(dialogue.world_samples(look_rows, rid), s_role, t_role, cfg.dialogue, cfg.seed,
                                total=len(look_rows))
             metrics.append({"model": name, **evaluate.dialogue_metrics(res.records, cfg.dialogue.threshold,
-                                                                       cfg.dialogue.max_turns),
-                            "seconds": round(res.timing["total"], 1)})
+                                                                       cfg.dialogue.max_turns)})
+            look_seconds[name] = round(res.timing["total"], 1)
             dialogs += res.records
         refinement = pd.DataFrame(metrics)
         refinement.to_csv(run.dir / "refinement_first_look.csv", index=False, float_format="%.4f")
@@ -788,7 +845,7 @@ def train_student(cfg) -> StudentResult:
             for r in dialogs:
                 fh.write(json.dumps(r, sort_keys=True) + "\n")
         run.extra.update({"train_dialogues": len(train_recs), "first_turn_accuracy": table.iloc[0].to_dict(),
-                          "first_turn_difference": diff,
+                          "first_turn_difference": diff, "refinement_first_look_seconds": look_seconds,
                           "refinement_first_look": refinement.set_index("model")[["AT", "ADR", "ATR", "RR"]].to_dict("index")})
     return StudentResult(dir=run.dir, model_dir=model_dir, first_turn=table, first_turn_difference=diff,
                          refinement=refinement, fit=result)

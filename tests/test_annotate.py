@@ -146,8 +146,8 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_dataset(smoke_root
     store.append({**stale, "request_id": "stale-prompt-v0", "turns": stale["turns"][:1]})
     _run_stage(root)
     assert _kept(root) == reference
-    stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
-    assert stats["skipped_done"] >= 1
+    extra = json.loads((root / "smoke" / "02_generate_fire100k" / "manifest.json").read_text())["extra"]
+    assert extra["generation_run"]["skipped_done"] >= 1
 
 
 def _free_port() -> int:
@@ -257,7 +257,7 @@ def test_corrupt_images_are_skipped_counted_and_named(smoke_root, tmp_path):
     _run_stage(root)
     stats = json.loads((root / "smoke" / "02_generate_fire100k" / "gen_stats.json").read_text())
     assert stats["bad_images"] and set(stats["bad_images"]) <= corrupt
-    assert stats["written"] + len(stats["bad_images"]) == stats["requested"]
+    assert stats["generated"] + len(stats["bad_images"]) == stats["requested"]
     kept_ids = {json.loads(line)["id"] for line in _kept(root)}
     assert not kept_ids & corrupt
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -195,32 +192,6 @@ def _simulate(root: Path, extra=(), env=None, wait=True):
     return proc
 
 
-@pytest.mark.slow
-def test_fire1m_sigkill_then_rerun_gives_the_same_set(smoke_root, tmp_path):
-    d = smoke_root / "05_simulate_fire1m"
-    reference = (d / "fire1m.jsonl").read_text()
-    raw_ref = sorted((json.loads(line) for p in (d / "raw").glob("*.jsonl") for line in p.open()),
-                     key=lambda r: r["request_id"])
-    root = _copy_inputs(smoke_root, tmp_path)
-    raw = root / "smoke" / "05_simulate_fire1m" / "raw"
-    proc = _simulate(root, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(p.stat().st_size for p in raw.glob("*.jsonl")):
-        time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = sum(1 for p in raw.glob("*.jsonl") for line in p.open() if line.endswith("\n"))  # a torn line is redone
-    assert 0 < written < len(raw_ref), "killed mid-simulation"
-    _simulate(root)
-    out = root / "smoke" / "05_simulate_fire1m"
-    assert (out / "fire1m.jsonl").read_text() == reference
-    again = sorted((json.loads(line) for p in raw.glob("*.jsonl") for line in p.open()), key=lambda r: r["request_id"])
-    assert again == raw_ref  # every dialogue once, the same turns as the uninterrupted run
-    stats = json.loads((out / "simulation_stats.json").read_text())
-    assert stats["simulated_now"] == len(raw_ref) - written  # only the unfinished ones ran again
-
-
 def _server(*args):
     from test_annotate import _server as start
 
@@ -256,8 +227,9 @@ def test_smoke_outputs_of_stages_03_to_05(smoke_root):
     t = pd.read_csv(smoke_root / "03_train_teacher" / "teacher_eval.csv")
     assert {"unseen"} <= set(t.group) and ((t.score_mae >= 0) & (t.score_mae <= 10)).all()
     for stage in ("03_train_teacher", "04_train_student", "05_simulate_fire1m"):
-        loss = pd.read_csv(smoke_root / stage / "loss.csv")
-        assert loss.loss.iloc[-1] < loss.loss.iloc[0], f"{stage} learned something"
+        extra = json.loads((smoke_root / stage / "manifest.json").read_text())["extra"]
+        # learned: the loss on held-out FIRE-100K dialogues fell (0.3 to 0.5 at smoke scale)
+        assert extra["heldout_loss_after"] < extra["heldout_loss_before"] - 0.1, (stage, extra)
     first = pd.read_csv(smoke_root / "04_train_student" / "first_turn_accuracy.csv")
     assert first.family.iloc[0] == "all" and first.n.iloc[0] > 0
     look = pd.read_csv(smoke_root / "04_train_student" / "refinement_first_look.csv")

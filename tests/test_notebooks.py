@@ -38,7 +38,7 @@ def test_committed_notebooks_are_clean(path):
     src = params[0].source
     assert re.search(r"^scale = ", src, re.M) and re.search(r"^overrides = \[\]", src, re.M)
     names = re.findall(r"^(\w+)\s*=", src, re.M)
-    assert set(names) <= {"scale", "overrides", "results_root"}, f"raw, non-secret parameters only: {names}"
+    assert set(names) <= {"scale", "overrides", "results_root", "run_id"}, f"raw, non-secret parameters only: {names}"
     assert not any(re.search(r"key|token|secret|password", n, re.I) for n in names)
     for c in code:
         assert not re.search(r"^\s*(def|class) ", c.source, re.M), "logic belongs in fire_core"
@@ -105,8 +105,9 @@ def test_smoke_base_vlm_outputs(smoke_root):
     assert set(acc.split) == {"val", "test", "unseen"}
     assert set(acc[acc.split == "unseen"].family) == set(cfg.world.unseen_families) | {"all"}
     assert ((acc.accuracy >= 0) & (acc.accuracy <= 1)).all()
-    loss = pd.read_csv(d / "loss.csv")
-    assert loss.loss.iloc[-1] < loss.loss.iloc[0], "the base model learned something"
+    extra = json.loads((d / "manifest.json").read_text())["extra"]
+    # learned: the loss on fixed held-out val chats fell, by far more than any rounding
+    assert extra["heldout_loss_after"] < extra["heldout_loss_before"] - 1.0, extra
     model, proc = models.load(d / "model")
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     m = json.loads((d / "manifest.json").read_text())

@@ -90,9 +90,13 @@ def test_truncation_keeps_the_image_and_cuts_at_a_turn_boundary(kit):
         train.encode(msgs, tok, n_img, 30)
 
 
-def _dataset(kit, n=32):
+def _dataset(kit, n=32, held_out=False):
     cfg, samples, tok, proc = kit
-    ex = [train.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples[:n]]
+    chosen = samples[:n]
+    if held_out:  # new val samples of the same families, never trained on
+        chosen = [world.make_sample(f, "val", i, 0, SIZE) for f in dict.fromkeys(s.family for s in chosen)
+                  for i in range(4)]
+    ex = [train.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in chosen]
     return train.SFTDataset(ex, proc, cfg.model.max_length)
 
 
@@ -101,10 +105,13 @@ def test_training_lowers_the_loss(kit, tmp_path):
     torch.manual_seed(0)
     model = models.build_model(cfg.model, proc)
     ds = _dataset(kit)
+    held = _dataset(kit, held_out=True)
     cfg.train.epochs = 4
-    res = train.fit(model, proc, ds, cfg.train, tmp_path, seed=0, logging_steps=4, save_dir=tmp_path / "model")
-    first, last = res.losses[0][1], res.losses[-1][1]
-    assert last < first - 1.0, res.losses
+    res = train.fit(model, proc, ds, cfg.train, tmp_path, seed=0, logging_steps=4, save_dir=tmp_path / "model",
+                    heldout=held)
+    # the same fixed held-out chats before and after, never one noisy step against another
+    assert res.heldout_loss_after < res.heldout_loss_before - 1.0, (res.heldout_loss_before, res.heldout_loss_after)
+    assert res.heldout_loss_after == pytest.approx(train.heldout_loss(res.model, held, proc))
     assert res.steps == 4 * len(ds) // cfg.train.batch_size
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "processor_config.json").is_file()
 

@@ -1,0 +1,114 @@
+"""Plan a pipeline run before ``make`` runs its stages: which stages are done, which can be reused
+from another run, and which must (re)run because their config or an earlier stage changed.
+
+    python -m fire_core.pipeline plan --results-root results --run default --upto 06_fire_bench \\
+        --overrides '["seed=1"]' scale=default
+
+The Makefile calls this first. For every stage up to ``--upto``, in pipeline order:
+
+- **done**: ``<results>/<run>/<stage>/DONE`` exists and its manifest's identity is the one the
+  config asks for (``fire_core.provenance.identity``);
+- **stale**: it exists from another config; its ``DONE`` is removed, so ``make`` reruns it (and,
+  through the identity chain, every stage after it). The reason names the keys that differ;
+- **reused**: another run under the same results root finished this stage with the same
+  identity (say, a run that changed only a later stage's settings): the stage folder becomes a
+  symbolic link to that run's folder, and nothing is recomputed. A stage that reruns replaces
+  the link with a folder of its own; the other run's files are never written;
+- **to run**: nothing usable exists.
+
+Only ``DONE`` markers and links are touched; results are never deleted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from fire_core import config, provenance
+
+log = logging.getLogger(__name__)
+
+
+def _donor(root: Path, run: str, stage: str, want: str) -> Path | None:
+    """A finished folder of ``stage`` in another run under ``root`` with identity ``want``."""
+    if not root.is_dir():
+        return None
+    for other in sorted(p for p in root.iterdir() if p.is_dir() and p.name != run):
+        d = other / stage
+        if d.is_dir() and not d.is_symlink():
+            rec = provenance.stage_identity(d)
+            if rec is not None and rec.get("hash") == want:
+                return d
+    return None
+
+
+def plan(results_root: Path, run: str, overrides: list[str], upto: str) -> list[dict[str, str]]:
+    """Bring ``<results_root>/<run>`` to a state where ``make`` reruns exactly the stale stages.
+    ``overrides`` are those the notebooks will pass to ``config.load`` (scale included)."""
+    if upto not in config.STAGES:
+        raise config.ConfigError(f"unknown stage '{upto}'; stages: {config.STAGES}")
+    root = Path(results_root)
+    run_dir = root / run
+    rows = []
+    for stage in config.STAGES[: config.STAGES.index(upto) + 1]:
+        want = provenance.expected_identity(stage, overrides)
+        d = run_dir / stage
+        if d.is_symlink():
+            rec = provenance.stage_identity(d) if d.exists() else None
+            if rec is not None and rec.get("hash") == want:
+                rows.append({"stage": stage, "status": "reused", "detail": os.readlink(d)})
+                continue
+            d.unlink()  # the other run changed or is gone; this run makes its own
+        rec = provenance.stage_identity(d) if d.is_dir() else None
+        if rec is not None and rec.get("hash") == want:
+            rows.append({"stage": stage, "status": "done", "detail": ""})
+            continue
+        if (d / "DONE").exists():
+            (d / "DONE").unlink()
+            rows.append({"stage": stage, "status": "stale",
+                         "detail": provenance.explain_difference(rec, stage, overrides)})
+            continue
+        donor = _donor(root, run, stage, want) if not d.exists() else None
+        if donor is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            d.symlink_to(Path("..") / donor.parent.name / stage, target_is_directory=True)
+            rows.append({"stage": stage, "status": "reused", "detail": os.readlink(d)})
+            continue
+        rows.append({"stage": stage, "status": "to run", "detail": ""})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fire_core.pipeline", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="mark stale stages, reuse finished ones, print what make will do")
+    p.add_argument("--results-root", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--upto", default=config.STAGES[-1])
+    p.add_argument("--overrides", default="[]", help="a YAML list, as OVERRIDES in the Makefile")
+    p.add_argument("scale")
+    args = ap.parse_args(argv)
+    try:
+        extra = yaml.safe_load(args.overrides) or []
+        if not isinstance(extra, list):
+            raise config.ConfigError(f"OVERRIDES must be a YAML list like '[\"seed=1\"]', got {args.overrides!r}")
+        overrides = [f"scale={args.scale}", *map(str, extra)]
+        rows = plan(Path(args.results_root), args.run, overrides, args.upto)
+    except (config.ConfigError, yaml.YAMLError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    width = max(len(r["stage"]) for r in rows)
+    sys.stdout.write(f"run {args.run} in {args.results_root} (overrides {json.dumps(extra)}):\n")
+    for r in rows:
+        sys.stdout.write(f"  {r['stage']:<{width}}  {r['status']:<7} {r['detail']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
