@@ -166,6 +166,10 @@ class TrainConfig:
     followup_prob: float = 0.3  # base VLM: share of chats that get follow-up questions
     caption_prob: float = 0.5  # base VLM: share of chats with a dense "describe it all" turn
     vision_pretrain_steps: int = 0  # tiny models: dense per-patch pretraining of the vision tower
+    language_pretrain_steps: int = 0  # tiny models: text-only pretraining of the decoder (fire_core.language)
+    language_pretrain_lr: float = 2e-3
+    language_pretrain_batch: int = 64  # text-only documents per step (about 34 tokens each)
+    language_drills: int = 20000  # answer-comparison drills in the text corpus (half same, half different)
     vision_pretrain_lr: float = 3e-3
     freeze_vision: bool = False  # LLaVA keeps its pretrained vision tower frozen
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
@@ -188,6 +192,13 @@ class TrainConfig:
         _check(0 <= self.followup_prob <= 1, "train.followup_prob", f"must be in [0, 1], got {self.followup_prob}")
         _check(0 <= self.caption_prob <= 1, "train.caption_prob", f"must be in [0, 1], got {self.caption_prob}")
         _check(self.vision_pretrain_steps >= 0, "train.vision_pretrain_steps", f"must be >= 0, got {self.vision_pretrain_steps}")
+        _check(self.language_pretrain_steps >= 0, "train.language_pretrain_steps",
+               f"must be >= 0, got {self.language_pretrain_steps}")
+        _check(0 < self.language_pretrain_lr < 1, "train.language_pretrain_lr",
+               f"must be in (0, 1), got {self.language_pretrain_lr}")
+        _check(self.language_pretrain_batch >= 1, "train.language_pretrain_batch",
+               f"must be >= 1, got {self.language_pretrain_batch}")
+        _check(self.language_drills >= 2, "train.language_drills", f"must be >= 2, got {self.language_drills}")
         _check(0 < self.vision_pretrain_lr < 1, "train.vision_pretrain_lr", f"must be in (0, 1), got {self.vision_pretrain_lr}")
         _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
         _check(self.heldout_per_family >= 1, "train.heldout_per_family", f"must be >= 1, got {self.heldout_per_family}")

@@ -8,8 +8,8 @@ The Makefile calls this first. For every stage up to ``--upto``, in pipeline ord
 
 - **done**: ``<results>/<run>/<stage>/DONE`` exists and its manifest's identity is the one the
   config asks for (``fire_core.provenance.identity``);
-- **stale**: it exists from another config; its ``DONE`` is removed, so ``make`` reruns it (and,
-  through the identity chain, every stage after it). The reason names the keys that differ;
+- **stale**: it exists from another config, or a stage before it reruns; its ``DONE`` is
+  removed, so ``make`` reruns it. The reason names the keys that differ;
 - **reused**: another run under the same results root finished this stage with the same
   identity (say, a run that changed only a later stage's settings): the stage folder becomes a
   symbolic link to that run's folder, and nothing is recomputed. A stage that reruns replaces
@@ -56,9 +56,19 @@ def plan(results_root: Path, run: str, overrides: list[str], upto: str) -> list[
     root = Path(results_root)
     run_dir = root / run
     rows = []
+    reruns = False  # once a stage (re)runs, every stage after it does too
     for stage in config.STAGES[: config.STAGES.index(upto) + 1]:
         want = provenance.expected_identity(stage, overrides)
         d = run_dir / stage
+        if reruns:
+            if d.is_symlink():
+                d.unlink()
+            elif (d / "DONE").exists():
+                (d / "DONE").unlink()
+                rows.append({"stage": stage, "status": "stale", "detail": "a stage before it reruns"})
+                continue
+            rows.append({"stage": stage, "status": "to run", "detail": ""})
+            continue
         if d.is_symlink():
             rec = provenance.stage_identity(d) if d.exists() else None
             if rec is not None and rec.get("hash") == want:
@@ -69,6 +79,7 @@ def plan(results_root: Path, run: str, overrides: list[str], upto: str) -> list[
         if rec is not None and rec.get("hash") == want:
             rows.append({"stage": stage, "status": "done", "detail": ""})
             continue
+        reruns = True
         if (d / "DONE").exists():
             (d / "DONE").unlink()
             rows.append({"stage": stage, "status": "stale",
@@ -79,6 +90,7 @@ def plan(results_root: Path, run: str, overrides: list[str], upto: str) -> list[
             run_dir.mkdir(parents=True, exist_ok=True)
             d.symlink_to(Path("..") / donor.parent.name / stage, target_is_directory=True)
             rows.append({"stage": stage, "status": "reused", "detail": os.readlink(d)})
+            reruns = False
             continue
         rows.append({"stage": stage, "status": "to run", "detail": ""})
     return rows

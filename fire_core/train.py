@@ -502,13 +502,13 @@ def train_base_vlm(cfg) -> BaseResult:
     import pandas as pd
 
     from fire_core import eval as evaluate
-    from fire_core import models, plots, provenance, world
+    from fire_core import language, models, plots, provenance, world
 
     world_dir = provenance.require_stage(cfg, "00_build_world")
     ds = world.load(cfg)
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset"]) as run:
         model_dir = run.dir / "model"
-        vision, result = None, None
+        vision, result, lang = None, None, None
         if cfg.model.kind == "pretrained":  # paper scale: LLaVA-NeXT-8B is the base; evaluate it
             model, processor = models.load_pretrained(cfg.model)
             (model_dir / "PRETRAINED").parent.mkdir(parents=True, exist_ok=True)
@@ -521,6 +521,15 @@ def train_base_vlm(cfg) -> BaseResult:
             processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
             torch.manual_seed(cfg.seed)  # the random initial weights
             model = models.build_model(cfg.model, processor)
+            if cfg.train.language_pretrain_steps > 0:  # the LLM that LLaVA starts from
+                text_rows = ds["train"].remove_columns("image").to_list()
+                val_rows = ds["val"].remove_columns("image").to_list()
+                docs = language.corpus(text_rows, cfg.train.language_drills, random.Random(cfg.seed))
+                lang = language.pretrain(model, tok, docs, cfg.train.language_pretrain_steps,
+                                         cfg.train.language_pretrain_batch, cfg.train.language_pretrain_lr, cfg.seed,
+                                         heldout=language.drills(val_rows, 400, random.Random(cfg.seed + 1)))
+                log.info("language pretraining: drill accuracy %.3f -> %.3f in %.0f s", lang.drill_accuracy_before,
+                         lang.drill_accuracy_after, lang.seconds)
             if cfg.train.vision_pretrain_steps > 0:
                 vision = pretrain_vision(model, ds["train"], cfg.train.vision_pretrain_steps, 64,
                                          cfg.train.vision_pretrain_lr, cfg.seed)
@@ -568,6 +577,12 @@ def train_base_vlm(cfg) -> BaseResult:
                 "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
                 "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,
                 "heldout_chats": len(heldout), "resumed_from": result.resumed_from})
+        if lang is not None:
+            run.extra["language_pretraining"] = {
+                "steps": len(lang.losses), "documents": lang.documents, "tokens": lang.tokens,
+                "seconds": round(lang.seconds, 1), "first_loss": lang.losses[0], "last_loss": lang.losses[-1],
+                "heldout_drill_accuracy_before": lang.drill_accuracy_before,
+                "heldout_drill_accuracy_after": lang.drill_accuracy_after}
         if vision is not None:
             run.extra["vision_pretraining"] = {
                 "steps": len(vision.losses), "images": vision.images, "seconds": round(vision.seconds, 1),

@@ -108,6 +108,8 @@ def test_smoke_base_vlm_outputs(smoke_root):
     extra = json.loads((d / "manifest.json").read_text())["extra"]
     # learned: the loss on fixed held-out val chats fell, by far more than any rounding
     assert extra["heldout_loss_after"] < extra["heldout_loss_before"] - 1.0, extra
+    lang = extra["language_pretraining"]  # text-only pretraining ran first, and learned
+    assert lang["steps"] == cfg.train.language_pretrain_steps and lang["last_loss"] < lang["first_loss"] - 0.5
     model, proc = models.load(d / "model")
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     m = json.loads((d / "manifest.json").read_text())

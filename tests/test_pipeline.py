@@ -87,6 +87,12 @@ def _copy_run(smoke_root: Path, dst: Path) -> Path:
     return dst
 
 
+def _run_name(plan_output: str) -> str:
+    """The run folder the plan printed: 'run <name> in <root> ...'."""
+    line = next(ln for ln in plan_output.splitlines() if ln.startswith("run "))
+    return line.split()[1]
+
+
 def _planned_stages(root: Path, run: str) -> list[str]:
     """The stages whose notebooks `make` would run now (a dry run)."""
     proc = subprocess.run(["make", "-C", str(REPO), "-n", "--no-print-directory", f"RESULTS_ROOT={root}",
@@ -108,7 +114,8 @@ def test_other_overrides_get_their_own_run_and_reuse_only_what_matches(smoke_roo
     # another seed: a run of its own, every stage to run, the seed-0 run untouched
     seed1 = ["OVERRIDES=[\"seed=1\"]"]
     out = _make(root, "plan", *seed1).stdout
-    run1 = next(p for p in root.iterdir() if p.name.startswith("smoke-"))
+    run1 = root / _run_name(out)
+    assert run1.name.startswith("smoke-") and not run1.exists()  # nothing made yet
     assert out.count("to run") == len(config.STAGES), out
     _make(root, "stage", "STAGE=00_build_world", *seed1)
     assert json.loads((run1 / "00_build_world" / "manifest.json").read_text())["seed"] == 1
@@ -119,14 +126,15 @@ def test_other_overrides_get_their_own_run_and_reuse_only_what_matches(smoke_roo
     # a setting only stage 06 reads: stages 00-05 are reused from the seed-0 run, 06 runs
     per_family = ["OVERRIDES=[\"bench.per_family=2\"]"]
     out = _make(root, "plan", *per_family).stdout
-    run2 = next(p for p in root.iterdir() if p.name.startswith("smoke-") and p != run1)
+    run2 = root / _run_name(out)
+    assert run2 != run1
     for s in config.STAGES[:6]:
         assert (run2 / s).is_symlink() and (run2 / s).resolve() == (base / s).resolve()
     assert _planned_stages(root, run2.name) == ["06_fire_bench"]
 
     # a setting that stage 04 reads reruns 04-06 and reuses 00-03
-    _make(root, "plan", "OVERRIDES=[\"bench.n_bootstrap=50\"]")
-    run3 = next(p for p in root.iterdir() if p.name.startswith("smoke-") and p not in (run1, run2))
+    run3 = root / _run_name(_make(root, "plan", "OVERRIDES=[\"bench.n_bootstrap=50\"]").stdout)
+    assert run3 not in (run1, run2)
     assert _planned_stages(root, run3.name) == config.STAGES[4:]
 
     # the same run's config changed since stage 03 finished (a conf file edited): 03-06 are
