@@ -20,12 +20,12 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fire_core import feedback
+from fire_core import feedback, world
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "fire100k-v2"  # part of every request id: change it when the prompt changes
@@ -119,6 +119,44 @@ def oracle_dialogue(sample: dict[str, Any], first_response: str, threshold: int,
             break
         responses.append(feedback.refine(sample, responses, rng, fix_prob=fix_prob))
     return turns
+
+
+def judgement_dialogues(samples: Sequence[dict[str, Any]], per_sample: int, max_turns: int, seed: int,
+                        first_responses: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """Teacher training dialogues balanced between right and wrong answers at every turn position.
+
+    In FIRE-100K a dialogue goes on only while the student is wrong, so the turn position alone
+    predicts the score (turn 1 mostly wrong, the last turn right), and a small teacher learns the
+    position instead of the answer. Here each dialogue has a turn count k drawn uniformly from
+    1..``max_turns``: turns 1..k-1 are wrong (as in a real dialogue, which goes on only after a
+    wrong answer; taken from ``first_responses[id]`` where given, otherwise written by the oracle
+    student) and turn k is the reference-style response with the right answer or with a wrong one,
+    half and half. The oracle judges every turn; only turn k's judgement is trained on
+    (``trained_turns``), so right and wrong are balanced at every position the loss sees.
+    ``samples`` are world sample records (with their scene, see :func:`sample_record`)."""
+    out = []
+    for s in samples:
+        given = [r for r in (first_responses or {}).get(s["id"], []) if not world.is_correct(s["family"], r, s["answer"])]
+        for j in range(per_sample):
+            rng = random.Random(request_id(seed, s["id"], "judgement", j))
+            k = rng.randint(1, max_turns)
+            responses: list[str] = []
+            for t in range(k - 1):
+                if t < len(given):
+                    responses.append(given[t])
+                    continue
+                prev = world.extract_answer(responses[-1]) if responses else None
+                responses.append(feedback.respond(s, feedback.wrong_answer(s, rng, near=prev)))
+            right = rng.random() < 0.5
+            prev = world.extract_answer(responses[-1]) if responses else None
+            responses.append(feedback.respond(s, s["answer"] if right else feedback.wrong_answer(s, rng, near=prev)))
+            turns = []
+            for t, resp in enumerate(responses):
+                turns.append({"response": resp, **feedback.judge(s, resp, history=responses[:t], rng=rng).as_dict()})
+            rec = dialogue_record(s, turns, request_id(seed, s["id"], "judgement", j), source="world/oracle-judgement")
+            rec["trained_turns"] = [k - 1]
+            out.append(rec)
+    return out
 
 
 def validate(record: dict[str, Any], score_min: int = 1, score_max: int = 10) -> str | None:
@@ -422,9 +460,10 @@ class Fire100kResult:
     seconds: float
 
 
-def _sample_record(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "family": row["family"], "question": row["question"], "answer": row["answer"],
-            "response": row["response"], "scene": json.loads(row["scene"]), "annotation": row["annotation"]}
+def sample_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "split": row["split"], "family": row["family"], "question": row["question"],
+            "answer": row["answer"], "response": row["response"], "scene": json.loads(row["scene"]),
+            "annotation": row["annotation"]}
 
 
 def _image_ok(row: dict[str, Any]):
@@ -510,7 +549,7 @@ def gold_dialogues(rows, model, processor, cfg) -> list[dict[str, Any]]:
     firsts = first_responses(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size)
     out = []
     for r, first in zip(rows, firsts, strict=True):
-        turns = oracle_dialogue(_sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
+        turns = oracle_dialogue(sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
                                 cfg.seed, cfg.annotator.fix_prob)
         rec = dialogue_record(r, turns, request_id(r["id"], "gold", cfg.seed), source="world/oracle-gold")
         rec["image"] = f"world/{r['split']}/{r['id']}"
@@ -572,11 +611,11 @@ def build_fire100k(cfg) -> Fire100kResult:
             good, firsts = [good[k] for k in missing], [firsts[k] for k in missing]
             if a.backend == "oracle":
                 for (r, _), first in zip(good, firsts, strict=True):
-                    turns = oracle_dialogue(_sample_record(r), first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
+                    turns = oracle_dialogue(sample_record(r), first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
                     _write(store, stats, r, turns, rid_of[r["id"]], model_name, d)
             else:
                 by_rid = {rid_of[r["id"]]: r for r, _ in good}
-                jobs = [(rid_of[r["id"]], _sample_record(r), first, img) for (r, img), first in zip(good, firsts, strict=True)]
+                jobs = [(rid_of[r["id"]], sample_record(r), first, img) for (r, img), first in zip(good, firsts, strict=True)]
 
                 def on_done(rid, turns, by_rid=by_rid):
                     if turns is not None:

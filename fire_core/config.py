@@ -177,6 +177,8 @@ class TrainConfig:
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
     group_by_length: bool = False  # batches of similar length: less padding for dialogues of 1-5 turns
+    judgement_per_sample: int = 0  # teacher: oracle-judged dialogues per FIRE-100K sample, balanced right/wrong per turn
+    judgement_warmup_steps: int = 0  # teacher: text-only steps on short judgement chats before its SFT
 
     def __post_init__(self) -> None:
         _check(self.method in ("full", "lora"), "train.method", f"must be 'full' or 'lora', got '{self.method}'")
@@ -204,6 +206,10 @@ class TrainConfig:
         _check(self.heldout_per_family >= 1, "train.heldout_per_family", f"must be >= 1, got {self.heldout_per_family}")
         _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")
+        _check(self.judgement_per_sample >= 0, "train.judgement_per_sample",
+               f"must be >= 0, got {self.judgement_per_sample}")
+        _check(self.judgement_warmup_steps >= 0, "train.judgement_warmup_steps",
+               f"must be >= 0, got {self.judgement_warmup_steps}")
         if self.deepspeed is not None:
             path = Path(self.deepspeed)
             if not path.is_absolute():

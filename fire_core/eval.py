@@ -210,6 +210,39 @@ def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images:
     return rows
 
 
+def teacher_probe(model, processor, rows: Sequence[dict[str, Any]], seed: int, threshold: int = 8,
+                  max_new_tokens: int = 48, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Does the teacher judge the answer? For each world row (with its image), the reference
+    response and the same response with the answer swapped for a wrong one
+    (``feedback.wrong_answer``), each judged on its own as a first turn. One row per sample: the
+    two scores and ``ok`` (right at or above ``threshold``, wrong below it). A teacher that
+    scores by task family or turn position gives both the same score."""
+    import json
+    import random
+
+    from fire_core import feedback
+
+    rng = random.Random(seed)
+    convs, images, meta = [], [], []
+    for r in rows:
+        rec = {**r, "scene": json.loads(r["scene"]) if isinstance(r["scene"], str) else r["scene"]}
+        wrong = feedback.respond(rec, feedback.wrong_answer(rec, rng))
+        for resp in (r["response"], wrong):
+            convs.append(prompts.teacher_prompt(r["question"], r["answer"], [], resp))
+            images.append(r["image"])
+        meta.append((r, wrong))
+    texts = models.generate(model, processor, convs, images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = []
+    for k, (r, wrong) in enumerate(meta):
+        right_score = prompts.parse_teacher(texts[2 * k]).score
+        wrong_score = prompts.parse_teacher(texts[2 * k + 1]).score
+        out.append({"id": r["id"], "family": r["family"], "answer": r["answer"], "wrong_response": wrong,
+                    "right_score": right_score, "wrong_score": wrong_score,
+                    "ok": right_score is not None and wrong_score is not None
+                    and right_score >= threshold > wrong_score})
+    return out
+
+
 def student_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images: dict[str, Any],
                   max_new_tokens: int = 64, batch_size: int = 32, desc: str = "student turns") -> list[dict[str, Any]]:
     """One row per gold student turn: the response generated from the gold history."""

@@ -73,6 +73,26 @@ def drills(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[t
     return [drill(rows[rng.randrange(len(rows))], k % 2 == 0, rng) for k in range(n)]
 
 
+def judgement_chat(row: dict[str, Any], right: bool, rng: random.Random) -> str:
+    """A short teacher chat in the chat template (without the <s> that :func:`encode` adds): the
+    last lines of a teacher prompt (a response in the reference style with the right answer or a
+    near miss, its final answer, the correct answer) and the oracle's ``Score: N``."""
+    from fire_core import models
+
+    gold = row["answer"]
+    given = gold if right else feedback.wrong_answer(row, rng)
+    response = feedback.respond(row, given)
+    score, _ = feedback.score_of(row["family"], response, gold)
+    text, _ = models.render_chat([{"role": "user", "content": prompts.teacher_judgement_text(gold, response)},
+                                  {"role": "assistant", "content": f"Score: {score}"}])
+    return text[len(models.BOS):]
+
+
+def judgement_chats(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[str]:
+    """``n`` judgement chats on random rows, right and wrong answers alternating (balanced)."""
+    return [judgement_chat(rows[rng.randrange(len(rows))], k % 2 == 0, rng) for k in range(n)]
+
+
 def number_drill(rng: random.Random) -> str:
     a, b = rng.sample(range(0, 100), 2)
     return f"Which is larger, {a} or {b}? {max(a, b)}."

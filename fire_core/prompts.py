@@ -109,10 +109,12 @@ def teacher_reply(turn: Turn) -> str:
 
 
 def _teacher_first(question: str, answer: str, response: str) -> str:
-    return f"Question: {question}\n{_teacher_next(answer, response)}"
+    return f"Question: {question}\n{teacher_judgement_text(answer, response)}"
 
 
-def _teacher_next(answer: str, response: str) -> str:
+def teacher_judgement_text(answer: str, response: str) -> str:
+    """What the teacher reads about one student turn: the response, its final answer and the
+    correct answer (the last lines of every teacher prompt)."""
     # The student's final answer (its own words after 'The answer is', or its last sentence)
     # is quoted next to the correct answer, right before the reply: the comparison the score
     # rests on is then between neighbouring lines. The tiny default teacher did not learn to
@@ -129,7 +131,7 @@ def teacher_messages(question: str, answer: str, turns: list[Turn], train: bool 
         if k == 0:
             msgs.append(_user_image(_teacher_first(question, answer, t.response)))
         else:
-            msgs.append(_msg("user", _teacher_next(answer, t.response)))
+            msgs.append(_msg("user", teacher_judgement_text(answer, t.response)))
         msgs.append(_msg("assistant", teacher_reply(t), train=train))
     return msgs
 
@@ -138,7 +140,7 @@ def teacher_prompt(question: str, answer: str, history: list[Turn], response: st
     """Messages that ask the teacher to judge ``response``, given earlier judged turns."""
     msgs = teacher_messages(question, answer, history, train=False)
     if history:
-        msgs.append(_msg("user", _teacher_next(answer, response)))
+        msgs.append(_msg("user", teacher_judgement_text(answer, response)))
     else:
         msgs.append(_user_image(_teacher_first(question, answer, response)))
     return msgs

@@ -208,11 +208,47 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return str(max(cks, key=lambda p: int(p.name.split("-")[1]))) if cks else None
 
 
+class TrainedPositions:
+    """A forward pre-hook on the LM head that keeps only the positions whose next token carries
+    the loss. The stock loss projects every position onto the whole vocabulary and then ignores
+    most of them (image tokens, prompts, padding): measured here on stage 01's chats, the head
+    and its log-softmax over all positions took about a third of each training step. The hook
+    works through PEFT and DeepSpeed wrappers alike, since it sits on the module itself."""
+
+    def __init__(self) -> None:
+        self.keep: torch.Tensor | None = None
+
+    def __call__(self, module, args):
+        if self.keep is None:
+            return None
+        return (args[0][self.keep].unsqueeze(0), *args[1:])
+
+
+def trained_positions_loss(model, inputs: dict[str, Any], positions: TrainedPositions):
+    """(summed cross-entropy, number of trained tokens, outputs) of a batch with ``labels``;
+    ``positions`` must be registered on the model's LM head. ``outputs.logits`` holds only the
+    trained positions, shape (1, count, vocab)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1
+    keep = target != IGNORE
+    positions.keep = keep
+    try:
+        outputs = model(**inputs)
+    finally:
+        positions.keep = None
+    loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), target[keep], reduction="sum")
+    return loss, keep.sum(), outputs
+
+
 def _trainer_class():
     from transformers import PreTrainedModel, Trainer
 
     class FireTrainer(Trainer):
-        """The HF Trainer, with a resume that really restores the weights.
+        """The HF Trainer, with a resume that really restores the weights and a loss computed
+        on the trained positions only (:class:`TrainedPositions`; the same value as the stock
+        causal-LM loss: cross-entropy summed over trained tokens, divided by their count in the
+        (accumulated) batch).
 
         transformers 5.x saves LLaVA-NeXT checkpoints with the legacy key names
         (``language_model.model.*``) but its resume path loads them into the new layout
@@ -220,6 +256,19 @@ def _trainer_class():
         logged, and the "resumed" run silently restarts from random weights. Loading through
         ``from_pretrained`` applies the key mapping; the copy is strict.
         """
+
+        positions: TrainedPositions | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.positions is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, count, outputs = trained_positions_loss(model, inputs, self.positions)
+            # like the stock loss: normalised over the accumulated batch when the Trainer counts it
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # the count is summed over processes
+            return (loss, outputs) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             model = model if model is not None else self.model
@@ -312,13 +361,18 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=Collator(processor),
                                 callbacks=list(callbacks))
+    trainer.positions = TrainedPositions()
+    hook = model.get_output_embeddings().register_forward_pre_hook(trainer.positions)
     resume_from = last_checkpoint(ckpt_dir) if resume else None
     if resume_from:
         log.info("resuming from %s", resume_from)
     t0 = time.time()
     tower_trains = any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
-    with native_convolution() if tower_trains else contextlib.nullcontext():
-        trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with native_convolution() if tower_trains else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        hook.remove()
     seconds = time.time() - t0
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -611,11 +665,19 @@ def dialogue_turns(record: dict[str, Any]):
 
 
 def teacher_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
-    """Teacher chats: the prompt holds the question and the ground truth; loss on every reply."""
+    """Teacher chats: the prompt holds the question and the ground truth; loss on every reply,
+    or only on the replies a record lists in ``trained_turns`` (judgement dialogues)."""
     from fire_core import prompts
 
-    return [Example(prompts.teacher_messages(r["question"], r["answer"], dialogue_turns(r)),
-                    (lambda i=r["id"]: image_of(i)), {"id": r["id"], "family": r["task"]}) for r in records]
+    out = []
+    for r in records:
+        msgs = prompts.teacher_messages(r["question"], r["answer"], dialogue_turns(r))
+        if "trained_turns" in r:
+            replies = [m for m in msgs if m["role"] == "assistant"]
+            for k, m in enumerate(replies):
+                m["train"] = k in r["trained_turns"]
+        out.append(Example(msgs, (lambda i=r["id"]: image_of(i)), {"id": r["id"], "family": r["task"]}))
+    return out
 
 
 def student_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
@@ -681,14 +743,17 @@ def _loss_plot(result: FitResult, run, cfg, title: str) -> None:
 
 
 def _fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: Path, title: str,
-                   heldout: list[Example]):
+                   heldout: list[Example], prepare: Callable[[Any, Any], None] | None = None):
     """Train a copy of the base VLM on ``examples``; returns the FitResult and the processor.
-    ``heldout`` (chats never trained on) measures the loss before and after training."""
+    ``heldout`` (chats never trained on) measures the loss before and after training;
+    ``prepare(model, processor)`` runs first (the teacher's judgement warm-up)."""
     from fire_core import models
 
     model, processor = load_base(cfg, base_dir)
     if cfg.train.freeze_vision:
         freeze_vision(model)
+    if prepare is not None:
+        prepare(model, processor)
     dataset = SFTDataset(examples, processor, cfg.model.max_length)
     held = SFTDataset(heldout, processor, cfg.model.max_length)
     log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
@@ -703,6 +768,52 @@ def _fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: 
                       "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(held),
                       "resumed_from": result.resumed_from, "params": models.param_count(result.model)})
     return result, processor
+
+
+def judgement_warmup(cfg, ds, model, processor, run) -> None:
+    """Short text-only judgement chats (``language.judgement_chats``) before the teacher's SFT.
+
+    Measured at default: the teacher trained on FIRE-100K plus balanced judgement dialogues
+    still gave one score to a right and a wrong answer in most families. The comparison itself
+    is quick to learn in a short context (about 300 steps of 64 two-line chats), slow inside a
+    250-token multimodal dialogue; so the teacher first learns it short, then in its dialogues.
+    Train rows only, and none whose FIRE-100K dialogue is held out for the teacher's evaluation."""
+    import random
+
+    from fire_core import language
+
+    steps = cfg.train.judgement_warmup_steps
+    if steps <= 0:
+        return
+    rows = [r for r in ds["train"].remove_columns("image").to_list()
+            if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]  # never a held-out dialogue's sample
+    bs = cfg.train.language_pretrain_batch
+    docs = language.judgement_chats(rows, steps * bs // 2, random.Random(cfg.seed + 3))
+    res = language.pretrain(model, processor.tokenizer, docs, steps, bs, cfg.train.learning_rate, cfg.seed,
+                            heldout=language.drills(ds["val"].remove_columns("image").to_list(), 400,
+                                                    random.Random(cfg.seed + 1)))
+    log.info("judgement warm-up: %d steps in %.0f s, loss %.3f -> %.3f", steps, res.seconds, res.losses[0],
+             res.losses[-1])
+    run.extra["judgement_warmup"] = {"steps": steps, "documents": res.documents, "seconds": round(res.seconds, 1),
+                                     "first_loss": res.losses[0], "last_loss": res.losses[-1],
+                                     "heldout_drill_accuracy_before": res.drill_accuracy_before,
+                                     "heldout_drill_accuracy_after": res.drill_accuracy_after}
+
+
+def judgement_records(cfg, train_ds, train_recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``train.judgement_per_sample`` balanced judgement dialogues (annotate.judgement_dialogues)
+    per sample of the teacher's FIRE-100K training records (never a held-out one), starting
+    from the base VLM's own wrong answers to it where FIRE-100K has them."""
+    from fire_core import annotate
+
+    if cfg.train.judgement_per_sample <= 0:
+        return []
+    index = {i: k for k, i in enumerate(train_ds["id"])}
+    ids = sorted({r["id"] for r in train_recs})
+    rows = train_ds.remove_columns("image").select([index[i] for i in ids])
+    firsts = {r["id"]: [t["response"] for t in r["turns"]] for r in train_recs}
+    return annotate.judgement_dialogues([annotate.sample_record(r) for r in rows], cfg.train.judgement_per_sample,
+                                        cfg.dialogue.max_turns, cfg.seed, first_responses=firsts)
 
 
 @dataclass
@@ -732,8 +843,14 @@ def train_teacher(cfg) -> TeacherResult:
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model", f100_dir / "fire100k.jsonl",
                                            f100_dir / "raw"]) as run:
         model_dir = run.dir / "model"
-        result, processor = _fit_from_base(cfg, base_dir, teacher_examples(train_recs, image_of), run, model_dir,
-                                           "Teacher", teacher_examples(held, image_of))
+        drills = judgement_records(cfg, ds["train"], train_recs)
+        if drills:
+            run.extra["judgement_dialogues"] = {
+                "dialogues": len(drills),
+                "trained_turn_right_share": round(sum(r["turns"][-1]["correct"] for r in drills) / len(drills), 4)}
+        result, processor = _fit_from_base(cfg, base_dir, teacher_examples(train_recs + drills, image_of), run,
+                                           model_dir, "Teacher", teacher_examples(held, image_of),
+                                           prepare=lambda m, p: judgement_warmup(cfg, ds, m, p, run))
         # gold dialogues on the unseen families, from the base VLM's first answers
         base, base_proc = load_base(cfg, base_dir)
         uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.eval_per_family, cfg.seed)
@@ -762,6 +879,18 @@ def train_teacher(cfg) -> TeacherResult:
                 rows.append({"group": fam, **evaluate.teacher_summary(sel, cfg.dialogue.threshold)})
         summary = pd.DataFrame(rows)
         summary.to_csv(run.dir / "teacher_eval.csv", index=False, float_format="%.4f")
+        # the probe: per family, one test response with the right answer and the same with a wrong one
+        pidx = select_per_family(ds["test"], cfg.world.seen_families, cfg.train.eval_per_family, cfg.seed)
+        probe = evaluate.teacher_probe(result.model, processor, list(ds["test"].select(sorted(pidx))), cfg.seed,
+                                       cfg.dialogue.threshold, cfg.dialogue.teacher_max_new_tokens,
+                                       cfg.dialogue.batch_size)
+        pdf = pd.DataFrame(probe)
+        probe_table = pdf.groupby("family", sort=False).agg(
+            n=("ok", "size"), right_mean_score=("right_score", "mean"), wrong_mean_score=("wrong_score", "mean"),
+            right_satisfied=("right_score", lambda x: float((x >= cfg.dialogue.threshold).mean())),
+            wrong_below=("wrong_score", lambda x: float((x < cfg.dialogue.threshold).mean())),
+            both_ok=("ok", "mean")).reset_index()
+        probe_table.to_csv(run.dir / "teacher_probe.csv", index=False, float_format="%.4f")
         with open(run.dir / "teacher_turns.jsonl", "w") as fh:
             for t in turns:
                 fh.write(json.dumps(t) + "\n")
@@ -771,6 +900,7 @@ def train_teacher(cfg) -> TeacherResult:
         head = summary.set_index("group")
         run.extra.update({"train_dialogues": len(train_recs), "heldout_dialogues": len(held),
                           "unseen_gold_dialogues": len(unseen),
+                          "probe_both_ok": float(pdf["ok"].mean()),
                           "eval": {g: {k: float(head.loc[g, k]) for k in ("score_mae", "unparsable_share", "satisfied_agreement",
                                                                           "leak_share", "BLEU_4", "CIDEr")}
                                    for g in ("seen", "unseen") if g in head.index}})

@@ -287,3 +287,39 @@ def test_rejects_survive_a_rerun(tmp_path):
     annotate._save_failures(tmp_path, second, [{"id": "b", "class": "truncated", "raw": "cut"}])
     lines = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == ["a", "b"]  # the first run's raw text is still there
+
+
+def test_judgement_dialogues_are_balanced_at_every_turn_position_and_train_only_the_last_reply():
+    from collections import Counter
+
+    from fire_core import prompts, train, world
+
+    rows = [world.make_sample(f, "train", i, 0, 64) for f in world.SEEN for i in range(6)]
+    samples = [{"id": f"{s.family}-{i}", "split": "train", "family": s.family, "question": s.question,
+                "answer": s.answer, "response": s.response, "scene": s.scene} for i, s in enumerate(rows)]
+    given = {samples[0]["id"]: ["Not sure. The answer is 12345.", samples[0]["response"]]}  # a right one is skipped
+    recs = annotate.judgement_dialogues(samples, 8, max_turns=5, seed=0, first_responses=given)
+    assert len(recs) == 8 * len(samples)
+    assert recs == annotate.judgement_dialogues(samples, 8, max_turns=5, seed=0, first_responses=given)
+    by_pos = Counter((len(r["turns"]), r["turns"][-1]["correct"]) for r in recs)
+    for k in range(1, 6):  # every position has right and wrong final answers, near half and half
+        right, wrong = by_pos[(k, True)], by_pos[(k, False)]
+        assert right + wrong > 40 and 0.3 < right / (right + wrong) < 0.7, (k, right, wrong)
+    for r in recs:
+        s = next(x for x in samples if x["id"] == r["id"])
+        *earlier, last = r["turns"]
+        assert r["trained_turns"] == [len(r["turns"]) - 1]
+        assert all(not t["correct"] for t in earlier)  # a dialogue goes on only after a wrong answer
+        for t in r["turns"]:  # the oracle's judgement, consistent with the answer checker
+            assert t["correct"] == world.is_correct(s["family"], t["response"], s["answer"])
+            assert (t["score"] >= 8) == t["correct"]
+    first = [r for r in recs if r["id"] == samples[0]["id"] and len(r["turns"]) > 1]
+    assert first and all(r["turns"][0]["response"] == given[samples[0]["id"]][0] for r in first)
+    # the loss falls on the last teacher reply only
+    ex = train.teacher_examples(recs[:20], lambda i: None)
+    for r, e in zip(recs[:20], ex, strict=True):
+        replies = [m for m in e.messages if m["role"] == "assistant"]
+        assert [m["train"] for m in replies] == [k == len(replies) - 1 for k in range(len(replies))]
+        last = r["turns"][-1]
+        assert replies[-1]["content"] == prompts.teacher_reply(prompts.Turn(last["response"], last["score"],
+                                                                            last["feedback"]))

@@ -243,3 +243,24 @@ def test_checkpoints_of_another_run_are_not_resumed(kit, tmp_path):
     other = config.load("01_train_base_vlm", ["scale=smoke", "train.batch_size=4", "train.learning_rate=1e-4"]).train
     res = train.fit(models.build_model(cfg.model, proc), proc, ds, other, tmp_path, seed=0, max_steps=2, save_steps=1)
     assert res.resumed_from is None  # a different learning rate is a different run
+
+
+def test_the_training_loss_projects_only_trained_positions_and_equals_the_stock_loss(kit):
+    cfg, _, _, proc = kit
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model, proc)
+    ds = _dataset(kit)
+    batch = train.Collator(proc)([ds[i] for i in range(4)])
+    stock = model(**batch).loss
+    positions = train.TrainedPositions()
+    hook = model.get_output_embeddings().register_forward_pre_hook(positions)
+    try:
+        total, count, out = train.trained_positions_loss(model, batch, positions)
+        n_trained = int((batch["labels"][:, 1:] != IGNORE).sum())
+        assert int(count) == n_trained and out.logits.shape[:2] == (1, n_trained)  # nothing else projected
+        assert float(total / count) == pytest.approx(float(stock), rel=1e-5)
+        (total / count).backward()
+        assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+        assert positions.keep is None and model(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # hook idle
+    finally:
+        hook.remove()
