@@ -217,7 +217,6 @@ def teacher_probe(model, processor, rows: Sequence[dict[str, Any]], seed: int, t
     (``feedback.wrong_answer``), each judged on its own as a first turn. One row per sample: the
     two scores and ``ok`` (right at or above ``threshold``, wrong below it). A teacher that
     scores by task family or turn position gives both the same score."""
-    import json
     import random
 
     from fire_core import feedback
@@ -225,8 +224,7 @@ def teacher_probe(model, processor, rows: Sequence[dict[str, Any]], seed: int, t
     rng = random.Random(seed)
     convs, images, meta = [], [], []
     for r in rows:
-        rec = {**r, "scene": json.loads(r["scene"]) if isinstance(r["scene"], str) else r["scene"]}
-        wrong = feedback.respond(rec, feedback.wrong_answer(rec, rng))
+        wrong = feedback.respond(r, feedback.wrong_answer(r, rng))  # both read family, answer, response
         for resp in (r["response"], wrong):
             convs.append(prompts.teacher_prompt(r["question"], r["answer"], [], resp))
             images.append(r["image"])

@@ -159,21 +159,22 @@ def drill_accuracy(model, tokenizer, tests: Sequence[tuple[str, bool]]) -> float
 @dataclass
 class LanguageResult:
     losses: list[float]
-    drill_accuracy_before: float
-    drill_accuracy_after: float
+    drill_accuracy_before: float | None  # None without held-out drills
+    drill_accuracy_after: float | None
     documents: int
     tokens: int
     seconds: float
 
 
 def pretrain(model, tokenizer, docs: Sequence[str], steps: int, batch_size: int, lr: float, seed: int,
-             heldout: Sequence[tuple[str, bool]], max_length: int = 128) -> LanguageResult:
+             heldout: Sequence[tuple[str, bool]] | None = None, max_length: int = 128) -> LanguageResult:
     """Language-model the decoder on ``docs`` for ``steps`` steps of ``batch_size`` documents
-    (AdamW, warmup then cosine), epoch after epoch in a seeded random order."""
+    (AdamW, warmup then cosine), epoch after epoch in a seeded random order. With ``heldout``
+    drills, their accuracy is measured before and after."""
     from tqdm.auto import tqdm
 
     seqs = encode(docs, tokenizer, max_length)
-    before = drill_accuracy(model, tokenizer, heldout)
+    before = drill_accuracy(model, tokenizer, heldout) if heldout else None
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
@@ -200,6 +201,6 @@ def pretrain(model, tokenizer, docs: Sequence[str], steps: int, batch_size: int,
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-    after = drill_accuracy(model, tokenizer, heldout)
+    after = drill_accuracy(model, tokenizer, heldout) if heldout else None
     return LanguageResult(losses=losses, drill_accuracy_before=before, drill_accuracy_after=after,
                           documents=len(seqs), tokens=sum(lengths), seconds=time.time() - t0)

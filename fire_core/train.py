@@ -789,15 +789,13 @@ def judgement_warmup(cfg, ds, model, processor, run) -> None:
             if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]  # never a held-out dialogue's sample
     bs = cfg.train.language_pretrain_batch
     docs = language.judgement_chats(rows, steps * bs // 2, random.Random(cfg.seed + 3))
-    res = language.pretrain(model, processor.tokenizer, docs, steps, bs, cfg.train.learning_rate, cfg.seed,
-                            heldout=language.drills(ds["val"].remove_columns("image").to_list(), 400,
-                                                    random.Random(cfg.seed + 1)))
+    # no held-out measurement here: the "Same answer: yes|no" drills are stage 01's format, not
+    # this one; the stage's probe table measures the teacher's judgement in its real prompt
+    res = language.pretrain(model, processor.tokenizer, docs, steps, bs, cfg.train.learning_rate, cfg.seed)
     log.info("judgement warm-up: %d steps in %.0f s, loss %.3f -> %.3f", steps, res.seconds, res.losses[0],
              res.losses[-1])
     run.extra["judgement_warmup"] = {"steps": steps, "documents": res.documents, "seconds": round(res.seconds, 1),
-                                     "first_loss": res.losses[0], "last_loss": res.losses[-1],
-                                     "heldout_drill_accuracy_before": res.drill_accuracy_before,
-                                     "heldout_drill_accuracy_after": res.drill_accuracy_after}
+                                     "first_loss": res.losses[0], "last_loss": res.losses[-1]}
 
 
 def judgement_records(cfg, train_ds, train_recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
