@@ -181,8 +181,8 @@ def _copy_inputs(smoke_root: Path, dst: Path) -> Path:
 
 
 def _simulate(root: Path, extra=(), env=None, wait=True):
-    code = ("import sys; from fire_core import config, dialogue; "
-            "dialogue.simulate_fire1m(config.load('05_simulate_fire1m', sys.argv[1:]))")
+    code = ("import sys; from fire_core import config; from fire_core.stages import fire1m; "
+            "fire1m.simulate_fire1m(config.load('05_simulate_fire1m', sys.argv[1:]))")
     cmd = [sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", *extra]
     kw = dict(cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:

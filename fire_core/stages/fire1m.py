@@ -1,0 +1,108 @@
+"""Stage 05: FIRE-1M. The trained student and teacher talk about new train samples through the
+dialogue engine (:mod:`fire_core.dialogue`), the simulation filter keeps improving dialogues,
+and the FIRE student is trained from the base VLM on FIRE-100K + FIRE-1M::
+
+    result = fire1m.simulate_fire1m(config.load("05_simulate_fire1m", ["scale=smoke"]))
+
+A stage sits above the mechanisms it uses (engine, annotation store, SFT), so none of them
+imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fire_core import annotate, dialogue, models, provenance, train, world
+from fire_core import eval as evaluate
+from fire_core.annotate import ShardStore, request_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fire1mResult:
+    dir: Path
+    kept: list[dict[str, Any]]
+    dropped: Counter
+    stats: Any  # DataFrame: FIRE-100K and FIRE-1M side by side
+    engine: dict[str, Any]
+    fit: Any
+    first_turn: Any
+
+
+def simulate_fire1m(cfg) -> Fire1mResult:
+    """Stage 05: the trained student and teacher talk about new train samples (FIRE-1M analog),
+    the simulation filter keeps improving dialogues, then the FIRE student is trained from the
+    base VLM on FIRE-100K + FIRE-1M."""
+    t0 = time.time()
+    world_dir = provenance.require_stage(cfg, "00_build_world")
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    teacher_dir = provenance.require_stage(cfg, "03_train_teacher")
+    student_dir = provenance.require_stage(cfg, "04_train_student")
+    ds = world.load(cfg)
+    d = cfg.dialogue
+    # every sample stage 02 asked about, kept or not: FIRE-1M must not reuse them
+    used = {r["id"] for r in ShardStore(f100_dir / "raw", cfg.annotator.n_shards).records()}
+    train_ds = ds["train"]
+    fresh = [i for i, sid in enumerate(train_ds["id"]) if sid not in used]
+    sub = train_ds.select(fresh)
+    pick = train.select_per_family(sub, cfg.world.seen_families, d.samples_per_family, cfg.seed + 5)
+    rows = sub.select(sorted(pick))
+    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", f100_dir / "fire100k.jsonl",
+                                           teacher_dir / "model", student_dir / "model"]) as stage:
+        s_model, s_proc = models.load(student_dir / "model")
+        t_model, t_proc = models.load(teacher_dir / "model")
+        student, teacher = dialogue.roles_from_config(d, s_model, s_proc, t_model, t_proc, "fire100k_student", "teacher")
+        plan = (student.name, teacher.name, d.threshold, d.max_turns, d.student_max_new_tokens,
+                d.teacher_max_new_tokens, cfg.seed)
+        rid_of = {sid: request_id(sid, "fire1m", *plan) for sid in rows["id"]}
+        store = ShardStore(stage.dir / "raw", cfg.annotator.n_shards)
+        torn = store.repair()
+        done = store.done_ids()
+        n_done = sum(rid_of[sid] in done for sid in rows["id"])
+        log.info("FIRE-1M: %d samples, %d already simulated, %d to go", len(rows), n_done, len(rows) - n_done)
+        res = dialogue.run(dialogue.world_samples(rows, rid_of.__getitem__, with_scene=False), student, teacher, d,
+                  cfg.seed, store=store, source="world/fire1m", total=len(rows), done=done, chunk=d.resume_chunk)
+        wanted = set(rid_of.values())
+        records = [r for r in store.all_sorted() if r["request_id"] in wanted]
+        kept, dropped = annotate.apply_filter(records, dialogue.filter_reason)
+        annotate.write_jsonl(stage.dir / "fire1m.jsonl", kept)
+        f100_train, f100_held = train.load_fire100k(cfg)
+        f100_all = f100_train + f100_held
+        stats = pd.concat([annotate.statistics(f100_all).assign(dataset="FIRE-100K"),
+                           annotate.statistics(kept).assign(dataset="FIRE-1M")], ignore_index=True)
+        stats = stats[["dataset", *[c for c in stats.columns if c != "dataset"]]]
+        stats.to_csv(stage.dir / "fire1m_stats.csv", index=False, float_format="%.2f")
+        annotate.score_by_turn(kept).to_csv(stage.dir / "score_by_turn.csv")
+        engine = {"samples": len(rows), "generated": len(records),
+                  "kept": len(kept), "dropped": dict(dropped), "stops": dict(Counter(r["stop"] for r in records)),
+                  "ratio_to_fire100k": round(len(kept) / max(1, len(f100_all)), 3),
+                  "metrics": evaluate.dialogue_metrics(records, d.threshold, d.max_turns) if records else {}}
+        provenance.write_json_atomic(stage.dir / "simulation_stats.json", engine)
+        # what this particular run did (time, resumed work) is bookkeeping: the manifest keeps it
+        engine_run = {"simulated_now": len(records) - n_done, "torn_bytes_dropped": torn,
+                      "failures": dict(res.failures), "seconds": round(res.timing["total"], 1),
+                      "timing": {k: round(v, 1) for k, v in res.timing.items()},
+                      "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1)}
+        del s_model, t_model
+        student.generator = teacher.generator = None
+        # the FIRE student: from the base VLM, on FIRE-100K (its training part) + FIRE-1M
+        image_of = train.image_lookup(train_ds)
+        examples = train.student_examples(f100_train + kept, image_of)
+        fit, processor = train._fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student",
+                                              train.student_examples(f100_held, image_of))
+        table, diff, _ = train.first_turn_report(cfg, fit.model, processor, stage, base_dir, ds, "fire_student")
+        stage.extra.update({"simulation": engine, "simulation_run": engine_run, "fire_student_examples": len(examples),
+                          "first_turn_accuracy": table.iloc[0].to_dict(), "first_turn_difference": diff,
+                          "stage_seconds": round(time.time() - t0, 1)})
+    return Fire1mResult(dir=stage.dir, kept=kept, dropped=dropped, stats=stats, engine={**engine, **engine_run},
+                        fit=fit, first_turn=table)
+
