@@ -2,9 +2,29 @@
 
 The numbered notebooks under ``notebooks/`` call into this package, one stage each::
 
-    from fire_core import config, world
+    from fire_core import config
+    from fire_core.stages import world as stage_world
     cfg = config.load("00_build_world", ["scale=smoke"])
-    result = world.build(cfg)
+    result = stage_world.run(cfg)
+
+The package has floors, and imports only point down (``tests/test_layout.py`` checks it):
+
+- bottom: ``config`` (typed Hydra config), ``provenance`` (manifests, stage runs, seeds),
+  ``plots`` (every figure, with a sidecar), ``files`` (JSONL, the resumable shard store,
+  request ids);
+- mechanisms, one concept each: ``world`` (the synthetic world), ``checker`` (the answer
+  checker), ``prompts``, ``feedback`` (the oracle), ``models`` (tokenizer, processor, VLMs,
+  the KV-cache generator), ``vision`` (tower pretraining), ``language`` (text pretraining),
+  ``sft`` (fine-tuning and the examples of each stage), ``records`` (sample records, splits,
+  image look-up), ``client`` (OpenAI-compatible endpoints), ``annotate`` (FIRE-100K's
+  annotators and filter), ``dialogue`` (the batched dialogue engine), ``metrics`` (FIRE's
+  free-dialogue metrics, text metrics, bootstrap), ``eval`` (predictions, fixed-dialogue
+  evaluation, the metric command line);
+- ``stages/``: ``common`` (what several stages share), then one module per stage, each with
+  one entry point ``run(cfg)``: ``world`` (00), ``base_vlm`` (01), ``fire100k`` (02),
+  ``teacher`` (03), ``student`` (04), ``fire1m`` (05), ``firebench`` (06);
+- tools on top: ``pipeline`` (the run planner ``make`` calls), ``serve`` (a local
+  OpenAI-compatible server), ``bench`` (``make bench``).
 """
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
     from fire_core import annotate, config
     cfg = config.load("02_generate_fire100k", ["scale=smoke"])
-    result = annotate.build_fire100k(cfg)   # results/<scale>/02_generate_fire100k/
+    result = stage_fire100k.run(cfg)   # results/<scale>/02_generate_fire100k/
 
 Each dialogue starts from the base VLM's real first answer (stage 01, batched, greedy), then the
 annotator plays teacher (score, feedback, DRESS critique/refinement/rating) and student (later
@@ -13,19 +13,20 @@ killed at any moment and rerun gives the same dataset as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fire_core import feedback, world
+from fire_core import checker, feedback
+from fire_core.client import AnnotatorError, RateLimiter, image_data_url
+from fire_core.files import request_id
+from fire_core.prompts import TASK_CLOSE, TASK_OPEN
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "fire100k-v2"  # part of every request id: change it when the prompt changes
@@ -41,65 +42,6 @@ ANNOTATOR_SYSTEM = (
     "maximum number of turns. Reply with JSON only: {\"turns\": [{\"response\": str, \"score\": int, "
     "\"feedback\": str, \"critique\": str, \"refinement\": str, \"rating\": int}, ...]}.")
 
-
-def request_id(*parts: Any) -> str:
-    """A deterministic id from what defines a request (image hash, template, model, sampling,
-    turn, sample index): the same request always gets the same id."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-class ShardStore:
-    """Append-only JSONL shards. A record's shard is fixed by its id, so reruns append to the
-    same files; reading skips (and repairs) a torn last line left by a kill."""
-
-    def __init__(self, root: Path, n_shards: int = 4):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.n_shards = n_shards
-
-    def path(self, k: int) -> Path:
-        return self.root / f"part-{k:05d}.jsonl"
-
-    def shard_of(self, rid: str) -> int:
-        return int(hashlib.sha256(rid.encode()).hexdigest(), 16) % self.n_shards
-
-    def shards(self) -> list[Path]:
-        """Every shard on disk, also those of a run with another ``n_shards``."""
-        return sorted(self.root.glob("part-*.jsonl"))
-
-    def repair(self) -> int:
-        """Cut every shard back to its last complete line; returns how many bytes were dropped."""
-        dropped = 0
-        for p in self.shards():
-            data = p.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep < len(data):
-                with open(p, "r+b") as fh:
-                    fh.truncate(keep)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                dropped += len(data) - keep
-        return dropped
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        for p in self.shards():
-            with open(p) as fh:
-                for line in fh:
-                    if line.endswith("\n"):
-                        yield json.loads(line)
-
-    def done_ids(self) -> set[str]:
-        return {r["request_id"] for r in self.records()}
-
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.path(self.shard_of(record["request_id"])), "a") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def all_sorted(self) -> list[dict[str, Any]]:
-        return sorted(self.records(), key=lambda r: r["id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +78,7 @@ def judgement_dialogues(samples: Sequence[dict[str, Any]], per_sample: int, max_
     ``samples`` are world sample records (with their scene, see :func:`sample_record`)."""
     out = []
     for s in samples:
-        given = [r for r in (first_responses or {}).get(s["id"], []) if not world.is_correct(s["family"], r, s["answer"])]
+        given = [r for r in (first_responses or {}).get(s["id"], []) if not checker.is_correct(s["family"], r, s["answer"])]
         for j in range(per_sample):
             rng = random.Random(request_id(seed, s["id"], "judgement", j))
             k = rng.randint(1, max_turns)
@@ -145,10 +87,10 @@ def judgement_dialogues(samples: Sequence[dict[str, Any]], per_sample: int, max_
                 if t < len(given):
                     responses.append(given[t])
                     continue
-                prev = world.extract_answer(responses[-1]) if responses else None
+                prev = checker.extract_answer(responses[-1]) if responses else None
                 responses.append(feedback.respond(s, feedback.wrong_answer(s, rng, near=prev)))
             right = rng.random() < 0.5
-            prev = world.extract_answer(responses[-1]) if responses else None
+            prev = checker.extract_answer(responses[-1]) if responses else None
             responses.append(feedback.respond(s, s["answer"] if right else feedback.wrong_answer(s, rng, near=prev)))
             turns = []
             for t, resp in enumerate(responses):
@@ -204,34 +146,16 @@ def apply_filter(records: Iterable[dict[str, Any]], reason) -> tuple[list[dict[s
     return kept, dropped
 
 
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, sort_keys=True) + "\n")
-
 
 # ---------------------------------------------------------------------------------------------
 # The openai backend: any OpenAI-compatible endpoint (GPT-4o, vLLM, fire_core.serve)
 
-
-class AnnotatorError(RuntimeError):
-    """A generation run that cannot go on (too many failures of one class, no API key)."""
-
-
-def image_data_url(image) -> str:
-    import base64
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def annotator_messages(sample: dict[str, Any], first: str, image, threshold: int, max_turns: int, seed: int,
                        fix_prob: float) -> list[dict[str, Any]]:
     """The same content for every backend: image, question, ground truth, dense annotation, the
     first student response, and (for the oracle) the task as JSON."""
-    from fire_core.serve import TASK_CLOSE, TASK_OPEN
 
     task = {"sample": sample, "first_response": first, "threshold": threshold, "max_turns": max_turns,
             "seed": seed, "fix_prob": fix_prob}
@@ -270,31 +194,9 @@ def parse_dialogue(text: str, sample: dict[str, Any], first: str, score_min: int
 
 
 def world_is_correct(sample: dict[str, Any], response: str) -> bool:
-    from fire_core import world
 
-    return world.is_correct(sample["family"], response, sample["answer"])
+    return checker.is_correct(sample["family"], response, sample["answer"])
 
-
-class RateLimiter:
-    """At most ``rpm`` request starts per minute (evenly spaced)."""
-
-    def __init__(self, rpm: int):
-        self.interval = 60.0 / rpm
-        self.next = 0.0
-        self.lock = None
-
-    async def wait(self) -> None:
-        import asyncio
-        import time
-
-        if self.lock is None:
-            self.lock = asyncio.Lock()
-        async with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next)
-            self.next = start + self.interval
-        if start > now:
-            await asyncio.sleep(start - now)
 
 
 async def _one_request(client, acfg, dcfg, sample, first, image, seed, stats: GenStats, rejects: list,
@@ -450,218 +352,7 @@ class GenStats:
 # The stage
 
 
-@dataclass
-class Fire100kResult:
-    dir: Path
-    kept: list[dict[str, Any]]
-    dropped: Counter
-    stats: Any  # DataFrame
-    gen_stats: GenStats
-    seconds: float
-
-
-def sample_record(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "split": row["split"], "family": row["family"], "question": row["question"],
-            "answer": row["answer"], "response": row["response"], "scene": json.loads(row["scene"]),
-            "annotation": row["annotation"]}
-
-
-def _image_ok(row: dict[str, Any]):
-    """The decoded image, or None when it is missing or corrupt (rows are read undecoded, so a
-    bad image cannot stop the run before this check)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    value = row.get("image")
-    try:
-        if isinstance(value, dict):
-            if value.get("bytes"):
-                img = Image.open(io.BytesIO(value["bytes"]))
-            elif value.get("path"):
-                img = Image.open(value["path"])
-            else:
-                return None
-        elif value is None:
-            return None
-        else:
-            img = value
-        img.load()
-        return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None
-
-
-def _save_failures(out: Path, stats: GenStats, rejects: list[dict[str, Any]]) -> None:
-    """Raw text of every failed reply (appended to rejects.jsonl, so a rerun keeps the earlier
-    ones) and the counts of this run (gen_stats.json)."""
-    from fire_core import provenance
-
-    with open(out / "rejects.jsonl", "a") as fh:
-        for rej in rejects:
-            fh.write(json.dumps(rej) + "\n")
-    provenance.write_json_atomic(out / "gen_stats.json", stats.as_dict())
-
-
-def run_async(coro):
-    """Run a coroutine to completion, also inside Jupyter (whose kernel already runs a loop)."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def _write(store: ShardStore, stats: GenStats, row: dict[str, Any], turns: list[dict[str, Any]], rid: str,
-           model_name: str, d) -> None:
-    rec = dialogue_record(row, turns, rid, source=f"world/{model_name}")
-    bad = validate(rec, d.score_min, d.score_max)
-    if bad:  # never write a malformed record
-        stats.failures["unparsable"] += 1
-        return
-    if any(feedback.leaks_answer(t["feedback"], rec["answer"], rec["task"], rec["question"])
-           for t in turns if not t.get("correct")):
-        stats.failures["leaked_answer"] += 1  # written, then dropped by the filter with its reason
-    store.append(rec)
-    stats.written += 1
-
-
 def dialogue_record(row: dict[str, Any], turns: list[dict[str, Any]], rid: str, source: str) -> dict[str, Any]:
     return {"id": row["id"], "request_id": rid, "image": f"world/train/{row['id']}", "question": row["question"],
             "answer": row["answer"], "task": row["family"], "split": row["split"], "source": source,
             "turns": turns, "meta": {"prompt_version": PROMPT_VERSION}}
-
-
-def first_responses(model, processor, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The base VLM's greedy first answers (its base prompt), as stage 02 starts its dialogues."""
-    from fire_core import models, prompts
-
-    convs = [prompts.base_messages([(r["question"], "")])[:-1] for r in rows]
-    out = models.generate(model, processor, convs, [r["image"].convert("RGB") for r in rows],
-                          max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [f if f.strip() else "I am not sure." for f in out]
-
-
-def gold_dialogues(rows, model, processor, cfg) -> list[dict[str, Any]]:
-    """Oracle dialogues on held-out world rows (val/test/unseen), starting from the base VLM's
-    first answers: the gold dialogues of fixed-dialogue evaluation. Never used for training."""
-    rows = list(rows)
-    firsts = first_responses(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size)
-    out = []
-    for r, first in zip(rows, firsts, strict=True):
-        turns = oracle_dialogue(sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
-                                cfg.seed, cfg.annotator.fix_prob)
-        rec = dialogue_record(r, turns, request_id(r["id"], "gold", cfg.seed), source="world/oracle-gold")
-        rec["image"] = f"world/{r['split']}/{r['id']}"
-        out.append(rec)
-    return out
-
-
-def build_fire100k(cfg) -> Fire100kResult:
-    """Stage 02: generate, filter and describe the FIRE-100K analog."""
-    import time
-
-    import datasets
-    import matplotlib.pyplot as plt
-    from tqdm.auto import tqdm
-
-    from fire_core import models, plots, prompts, provenance, world
-    from fire_core.train import select_per_family
-
-    t0 = time.time()
-    world_dir = provenance.require_stage(cfg, "00_build_world")
-    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
-    ds = world.load(cfg)["train"]
-    a, d = cfg.annotator, cfg.dialogue
-    idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family, cfg.seed + 2))
-    rows = ds.select(idx).cast_column("image", datasets.Image(decode=False))  # decoded by _image_ok
-    with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model"]) as run:
-        store = ShardStore(run.dir / "raw", a.n_shards)
-        stats = GenStats(requested=len(rows), torn_bytes_dropped=store.repair())
-        done = store.done_ids()
-        model_name = a.model if a.backend == "openai" else "oracle"
-        # the world's ids are stable hashes of seed/family/split/index, so they stand for the image
-        ids = rows["id"]
-        rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed) for i in ids}
-        stats.skipped_done = sum(rid_of[i] in done for i in ids)
-        model, processor = models.load(base_dir / "model")
-        bs = d.batch_size
-        rejects: list[dict[str, Any]] = []
-        # Batches are fixed slices of all samples, not of the unfinished ones: a batch's float
-        # rounding depends on its other rows, so a rerun recomputes an unfinished batch whole
-        # (the same first answers as an uninterrupted run) and writes only what is missing.
-        for start in tqdm(range(0, len(ids), bs), desc="FIRE-100K dialogues", unit="batch"):
-            if all(rid_of[i] in done for i in ids[start:start + bs]):
-                continue
-            batch = [rows[i] for i in range(start, min(start + bs, len(ids)))]
-            good = []
-            for r in batch:
-                img = _image_ok(r)
-                if img is None:
-                    stats.bad_images.append(r["id"])
-                    continue
-                good.append((r, img))
-            if not good:
-                continue
-            convs = [prompts.base_messages([(r["question"], "")])[:-1] for r, _ in good]
-            firsts = models.generate(model, processor, convs, [im for _, im in good],
-                                     max_new_tokens=cfg.train.max_new_tokens, batch_size=bs)
-            firsts = [f if f.strip() else "I am not sure." for f in firsts]
-            missing = [k for k, (r, _) in enumerate(good) if rid_of[r["id"]] not in done]
-            good, firsts = [good[k] for k in missing], [firsts[k] for k in missing]
-            if a.backend == "oracle":
-                for (r, _), first in zip(good, firsts, strict=True):
-                    turns = oracle_dialogue(sample_record(r), first, d.threshold, d.max_turns, cfg.seed, a.fix_prob)
-                    _write(store, stats, r, turns, rid_of[r["id"]], model_name, d)
-            else:
-                by_rid = {rid_of[r["id"]]: r for r, _ in good}
-                jobs = [(rid_of[r["id"]], sample_record(r), first, img) for (r, img), first in zip(good, firsts, strict=True)]
-
-                def on_done(rid, turns, by_rid=by_rid):
-                    if turns is not None:
-                        _write(store, stats, by_rid[rid], turns, rid, model_name, d)
-
-                rejects += run_async(openai_dialogues(jobs, a, d, cfg.seed, stats, on_done))
-                try:
-                    check_failure_rates(stats, a.max_failure_rate)
-                except AnnotatorError:
-                    _save_failures(run.dir, stats, rejects)  # what failed, for the user to read
-                    raise
-        _save_failures(run.dir, stats, rejects)
-        # only this plan's requests: shards may still hold records of an older prompt or config
-        wanted = set(rid_of.values())
-        records = [r for r in store.all_sorted() if r["request_id"] in wanted]
-        kept, dropped = apply_filter(records, lambda rec: filter_reason(rec, d.threshold))
-        write_jsonl(run.dir / "fire100k.jsonl", kept)
-        table = statistics(kept)
-        table.to_csv(run.dir / "fire100k_stats.csv", index=False, float_format="%.2f")
-        score_by_turn(kept).to_csv(run.dir / "score_by_turn.csv")
-        provenance.write_json_atomic(run.dir / "gen_stats.json", {
-            **stats.as_dict(), "generated": len(records), "kept": len(kept), "dropped": dict(dropped)})
-        run.extra["generation_run"] = {**stats.run_dict(), "seconds": round(time.time() - t0, 1)}
-        # a few example dialogues, image plus turns
-        shown = kept[:3] or records[:3]  # the kept ones if any
-        fig, axes = plt.subplots(max(1, len(shown)), 2, figsize=(11, 2.2 * max(1, len(shown))), squeeze=False,
-                                 gridspec_kw={"width_ratios": [1, 4]})
-        by_id = {rid: i for i, rid in enumerate(ids)}
-        for ax_row, rec in zip(axes, shown, strict=False):
-            img = _image_ok(rows[by_id[rec["id"]]])
-            if img is not None:
-                ax_row[0].imshow(img, interpolation="nearest")
-            ax_row[0].axis("off")
-            lines = [f"Q: {rec['question'].splitlines()[0]}  (truth: {rec['answer']})"]
-            for k, t in enumerate(rec["turns"], 1):
-                lines.append(f"S{k}: {t['response'][:95]}")
-                lines.append(f"T{k}: Score {t['score']}. {t['feedback'][:90]}")
-            ax_row[1].text(0, 0.5, "\n".join(lines), va="center", fontsize=7, family="monospace")
-            ax_row[1].axis("off")
-        if not shown:
-            for ax in axes[0]:
-                ax.axis("off")
-            axes[0][1].text(0, 0.5, "no dialogues were generated", va="center")
-        fig.tight_layout()
-        plots.save(fig, run.dir / "example_dialogues", sources=[run.dir / "fire100k.jsonl"], cfg=cfg)
-        run.extra.update({"kept": len(kept), "generated": len(records), "dropped": dict(dropped),
-                          "bad_images": len(stats.bad_images)})
-    return Fire100kResult(dir=run.dir, kept=kept, dropped=dropped, stats=table, gen_stats=stats,
-                          seconds=time.time() - t0)

@@ -29,7 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from fire_core import config, provenance, world
+from fire_core import (
+    annotate,
+    client,
+    config,
+    dialogue,
+    feedback,
+    files,
+    models,
+    prompts,
+    provenance,
+    records,
+    sft,
+    world,
+)
+from fire_core.stages import world as stage_world
 
 log = logging.getLogger(__name__)
 OUT = config.REPO_ROOT / "results" / "bench"
@@ -45,7 +59,7 @@ def bench_world() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.load("00_build_world", ["scale=default", f"paths.results={tmp}"])
         t = time.perf_counter()
-        res = world.build(cfg)
+        res = stage_world.run(cfg)
         seconds = time.perf_counter() - t
         size_mb = sum(p.stat().st_size for p in Path(res.dataset_dir).rglob("*") if p.is_file()) / 2**20
     n = sum(res.counts.values())
@@ -90,15 +104,13 @@ def train_flops_per_token(model, seq_len: int) -> float:
 
 
 def _base_chats(cfg, n: int):
-    from fire_core import prompts, train
 
     samples = [world.make_sample(f, "train", i, cfg.seed, cfg.world.image_size)
                for i in range(n) for f in cfg.world.seen_families][:n]
-    return samples, [train.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples]
+    return samples, [sft.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples]
 
 
 def _default_kit():
-    from fire_core import models
 
     cfg = config.load("01_train_base_vlm", ["scale=default"])
     samples, examples = _base_chats(cfg, 512)
@@ -110,12 +122,11 @@ def _default_kit():
 def bench_train(steps: int = 12) -> dict:
     import torch
 
-    from fire_core import models, train
 
     torch.set_num_threads(2)
     cfg, _, examples, proc = _default_kit()
-    ds = train.SFTDataset(examples, proc, cfg.model.max_length)
-    collate = train.Collator(proc)
+    ds = sft.SFTDataset(examples, proc, cfg.model.max_length)
+    collate = sft.Collator(proc)
     bs = cfg.train.batch_size
     batches = [collate([ds[i] for i in range(k * bs, (k + 1) * bs)]) for k in range(steps + 2)]
     out = {"benchmark": "train", "scale": "default", "batch_size": bs, "steps": steps,
@@ -154,7 +165,6 @@ def bench_train(steps: int = 12) -> dict:
 def bench_generate(new_tokens: int = 32) -> dict:
     import torch
 
-    from fire_core import models, prompts
 
     torch.set_num_threads(2)
     cfg, samples, _, proc = _default_kit()
@@ -184,7 +194,6 @@ def bench_generate_data(n: int = 96, server_delay: float = 0.05) -> dict:
 
     import httpx
 
-    from fire_core import annotate, feedback
 
     cfg = config.load("02_generate_fire100k", ["scale=default"])
     samples = [world.make_sample(f, "train", i, 0, 96) for i in range(n // 9 + 1) for f in cfg.world.seen_families][:n]
@@ -220,7 +229,7 @@ def bench_generate_data(n: int = 96, server_delay: float = 0.05) -> dict:
             stats = annotate.GenStats(requested=n)
             done = []
             t = time.perf_counter()
-            annotate.run_async(annotate.openai_dialogues(jobs, acfg, cfg.dialogue, 0, stats,
+            client.run_async(annotate.openai_dialogues(jobs, acfg, cfg.dialogue, 0, stats,
                                                          lambda rid, turns, done=done: done.append(turns is not None)))
             dt = time.perf_counter() - t
             out[f"openai_local_concurrency_{conc}"] = {"dialogues_per_s": round(sum(done) / dt, 2),
@@ -237,7 +246,6 @@ def bench_simulate(n_engine: int = 192, n_sequential: int = 32, batch_sizes=(32,
 
     import torch
 
-    from fire_core import annotate, dialogue, models
 
     torch.set_num_threads(2)
     cfg = config.load("05_simulate_fire1m", ["scale=default"])
@@ -247,8 +255,8 @@ def bench_simulate(n_engine: int = 192, n_sequential: int = 32, batch_sizes=(32,
         (sm, sp), (tm, tp) = models.load(s_dir), models.load(t_dir)
         rows = world.load(cfg)["val"]
         rows = rows.select(range(0, len(rows), max(1, len(rows) // n_engine)))
-        samples = list(dialogue.world_samples(rows.select(range(min(n_engine, len(rows)))),
-                                              lambda i: annotate.request_id(i, "bench")))
+        samples = list(records.world_samples(rows.select(range(min(n_engine, len(rows)))),
+                                              lambda i: files.request_id(i, "bench")))
     else:  # no trained models yet: same-size untrained ones (they talk nonsense, but the cost is real)
         log.warning("no stage 03/04 models at scale=default; benchmarking untrained models of the same size")
         c, _, _, sp = _default_kit()

@@ -20,7 +20,6 @@ turn, as the official FIRE chat class does: the baseline of ``make bench``.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -29,7 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fire_core import feedback, models, prompts, world
+from fire_core import checker, feedback, models, prompts
+from fire_core.client import image_data_url, run_async
+from fire_core.files import request_id
 
 log = logging.getLogger(__name__)
 STOP_REASONS = ("satisfied", "max_turns", "unparsable")
@@ -166,7 +167,6 @@ def _generate(role: Role, keys: list[Any], convs: list[list[dict[str, Any]]], st
         return models.generate(role.model, role.processor, convs, [s.image for s in states],
                                max_new_tokens=role.max_new_tokens, batch_size=len(convs))
     if role.kind == "openai":
-        from fire_core.annotate import run_async
 
         return run_async(_openai_batch(role, [_openai_messages(c, s.data_url()) for c, s in zip(convs, states, strict=True)],
                                        failures))
@@ -201,7 +201,6 @@ class _State:
 
     def data_url(self) -> str:
         if self._url is None:
-            from fire_core.annotate import image_data_url
 
             self._url = image_data_url(self.image)
         return self._url
@@ -228,7 +227,6 @@ class EngineResult:
 
 def oracle_judge(sample: dict[str, Any], response: str, earlier: list[str], seed: int) -> dict[str, Any]:
     """The oracle teacher's reply, seeded per dialogue and turn (batch-independent)."""
-    from fire_core.annotate import request_id
 
     rng = random.Random(request_id(seed, sample["id"], len(earlier), "oracle-teacher"))
     j = feedback.judge(sample, response, history=earlier, rng=rng)
@@ -341,7 +339,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
                     s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
                                     "parsable": rep["parsable"], "raw": rep["raw"],
-                                    "correct": world.is_correct(s.sample["family"], r, s.sample["answer"])})
+                                    "correct": checker.is_correct(s.sample["family"], r, s.sample["answer"])})
                     stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
                             else "max_turns" if len(s.turns) >= dcfg.max_turns else None)
                     if stop is None:
@@ -402,16 +400,6 @@ def filter_reason(record: dict[str, Any], family: str | None = None) -> str | No
         return "not_increasing"
     return None
 
-
-def world_samples(rows, rid_of: Callable[[str], str], with_scene: bool = True) -> Iterator[dict[str, Any]]:
-    """Engine samples from world rows (decoded lazily, one at a time)."""
-    for r in rows:
-        s = {"id": r["id"], "request_id": rid_of(r["id"]), "question": r["question"], "answer": r["answer"],
-             "family": r["family"], "split": r["split"], "image": r["image"].convert("RGB"),
-             "response": r["response"], "annotation": r["annotation"]}
-        if with_scene:
-            s["scene"] = json.loads(r["scene"])
-        yield s
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""Evaluation: answer accuracy, the free-dialogue metrics, text metrics and the teacher's
-fixed-dialogue scores.
+"""Evaluation: answer accuracy, the teacher's fixed-dialogue scores, and the metric command line.
 
     rows = eval.qa_predictions(model, processor, records, max_new_tokens=64)
     table = eval.accuracy_table(rows)        # per split and family, with counts
-    eval.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
-    eval.text_metrics({"a": "look left"}, {"a": "look at the left"})   # BLEU_1..4, CIDEr
+    metrics.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
+    metrics.text_metrics({"a": "look left"}, {"a": "look at the left"})   # BLEU_1..4, CIDEr
 
 From the shell (one JSON object on stdout; a malformed line is rejected, naming its number):
 
@@ -13,30 +12,18 @@ From the shell (one JSON object on stdout; a malformed line is rejected, naming 
     python -m fire_core.eval text --predictions p.jsonl --references r.jsonl
         # lines {"id": ..., "text": ...}; several reference lines may share an id
 
-Free-dialogue metrics (FIRE; score scale 1-10, threshold tau = 8, at most N = 5 turns). A
-dialogue d has scores s_1..s_T, T <= N, and stops at the first s_t >= tau:
-
-- AT, average turn (lower is better): mean of t*, the first turn with s_t >= tau, or N + 1 when
-  no turn reaches tau.
-- ADR, average dialogue refinement: mean of s_T - s_1.
-- ATR, average turn refinement: mean over dialogues with T > 1 of (s_T - s_1) / (T - 1).
-- RR, refinement ratio: share of all dialogues with s_1 < tau and s_T >= tau.
-  RR_conditional: the same count over the dialogues with s_1 < tau.
-A teacher reply whose score could not be read ends the dialogue; its score counts as the
-bottom of the scale (it is not satisfied) and is reported separately as ``unparsable``.
-With ground truth, ``truth_metrics`` uses "the answer is correct" in place of s_t >= tau.
+The metrics themselves, and their definitions, live in ``fire_core.metrics``.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from fire_core import models, prompts, world
+from fire_core import checker, feedback, models, prompts
+from fire_core.metrics import free_metrics, text_metrics, truth_metrics
 
 
 def qa_predictions(model, processor, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
@@ -55,7 +42,7 @@ def qa_predictions(model, processor, records: Sequence[dict[str, Any]], max_new_
         for r, p in zip(chunk, preds, strict=True):
             out.append({"id": r["id"], "split": r["split"], "family": r["family"], "question": r["question"],
                         "answer": r["answer"], "prediction": p,
-                        "correct": world.is_correct(r["family"], p, r["answer"])})
+                        "correct": checker.is_correct(r["family"], p, r["answer"])})
     return out
 
 
@@ -74,91 +61,10 @@ def accuracy_table(rows: Sequence[dict[str, Any]]):
 # Free-dialogue metrics
 
 
-def free_metrics(dialogues: Sequence[Sequence[int | None]], threshold: int = 8, max_turns: int = 5,
-                 score_min: int = 1) -> dict[str, float]:
-    """AT, ADR, ATR, RR, RR_conditional and n over dialogues given as score lists (see the
-    module docstring). ``None`` (an unparsable score) counts as ``score_min``."""
-    n = len(dialogues)
-    if n == 0:
-        raise ValueError("no dialogues to score")
-    at = adr = 0.0
-    atr: list[float] = []
-    refined = first_below = unparsable = 0
-    for k, raw in enumerate(dialogues):
-        if len(raw) == 0:
-            raise ValueError(f"dialogue {k} has no scores")
-        if len(raw) > max_turns:
-            raise ValueError(f"dialogue {k} has {len(raw)} turns, more than max_turns={max_turns}")
-        unparsable += sum(s is None for s in raw)
-        s = [score_min if x is None else x for x in raw]
-        hit = next((t for t, x in enumerate(s, 1) if x >= threshold), None)
-        at += hit if hit is not None else max_turns + 1
-        adr += s[-1] - s[0]
-        if len(s) > 1:
-            atr.append((s[-1] - s[0]) / (len(s) - 1))
-        if s[0] < threshold:
-            first_below += 1
-            refined += s[-1] >= threshold
-    return {"AT": at / n, "ADR": adr / n, "ATR": sum(atr) / len(atr) if atr else 0.0, "RR": refined / n,
-            "RR_conditional": refined / first_below if first_below else 0.0, "n": n,
-            "n_first_below": first_below, "n_multi_turn": len(atr), "unparsable": unparsable}
-
-
-def truth_metrics(correct: Sequence[Sequence[bool]], max_turns: int = 5) -> dict[str, float]:
-    """The same with "satisfied" decided by the ground-truth checker: AT over the first correct
-    turn, RR and RR_conditional over dialogues wrong at turn 1, accuracy at turn 1 and at the
-    last turn."""
-    n = len(correct)
-    if n == 0:
-        raise ValueError("no dialogues to score")
-    at = sum(next((t for t, c in enumerate(cs, 1) if c), max_turns + 1) for cs in correct) / n
-    wrong_first = [cs for cs in correct if not cs[0]]
-    fixed = sum(1 for cs in wrong_first if any(cs[1:]))
-    return {"AT_truth": at, "RR_truth": fixed / n, "RR_truth_conditional": fixed / len(wrong_first) if wrong_first else 0.0,
-            "accuracy_turn1": sum(bool(cs[0]) for cs in correct) / n,
-            "accuracy_final": sum(any(cs) for cs in correct) / n, "n": n}
-
-
-def dialogue_metrics(records: Sequence[dict[str, Any]], threshold: int = 8, max_turns: int = 5) -> dict[str, float]:
-    """Both sets of metrics for engine records (``turns`` with ``score`` and ``correct``)."""
-    scores = [[t["score"] for t in r["turns"]] for r in records]
-    correct = [[bool(t["correct"]) for t in r["turns"]] for r in records]
-    return {**free_metrics(scores, threshold, max_turns), **truth_metrics(correct, max_turns)}
-
 
 # ---------------------------------------------------------------------------------------------
 # Text metrics (pycocoevalcap's BLEU and CIDEr; lower-cased, punctuation split off)
 
-
-def _tokens(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()))
-
-
-def text_metrics(predictions: dict[str, str], references: dict[str, str | list[str]],
-                 meteor_rouge: bool = False) -> dict[str, float]:
-    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids); with
-    ``meteor_rouge`` also METEOR (pycocoevalcap's Java scorer) and ROUGE_L."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    missing = set(predictions) ^ set(references)
-    if missing:
-        raise ValueError(f"predictions and references differ in {len(missing)} ids, e.g. {sorted(missing)[:3]}")
-    if not predictions:
-        extra = {"METEOR": math.nan, "ROUGE_L": math.nan} if meteor_rouge else {}
-        return {f"BLEU_{k}": math.nan for k in range(1, 5)} | {"CIDEr": math.nan} | extra
-    res = {k: [_tokens(v) or "<empty>"] for k, v in predictions.items()}
-    gts = {k: [_tokens(x) or "<empty>" for x in ([v] if isinstance(v, str) else v)] for k, v in references.items()}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    out = {**{f"BLEU_{k}": float(b) for k, b in enumerate(bleu, 1)}, "CIDEr": float(cider)}
-    if meteor_rouge:
-        from pycocoevalcap.meteor.meteor import Meteor
-        from pycocoevalcap.rouge.rouge import Rouge
-
-        out["METEOR"] = float(Meteor().compute_score(gts, res)[0])
-        out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +97,6 @@ def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images:
                   desc: str = "teacher turns") -> list[dict[str, Any]]:
     """One row per gold teacher turn: the predicted score and feedback against the gold ones.
     ``images`` maps dialogue id to its image."""
-    from fire_core import feedback
 
     rows: list[dict[str, Any]] = []
     for k, d, text in fixed_turns(model, processor, dialogues, images,
@@ -219,7 +124,6 @@ def teacher_probe(model, processor, rows: Sequence[dict[str, Any]], seed: int, t
     scores by task family or turn position gives both the same score."""
     import random
 
-    from fire_core import feedback
 
     rng = random.Random(seed)
     convs, images, meta = [], [], []
@@ -268,20 +172,6 @@ def teacher_summary(rows: Sequence[dict[str, Any]], threshold: int = 8) -> dict[
                                        for r in rows) / n,
             "leak_share": sum(bool(r["leaked"]) for r in rows) / n, **text}
 
-
-def paired_difference(a: Sequence[bool], b: Sequence[bool], n_bootstrap: int = 1000, ci: float = 0.95,
-                      seed: int = 0) -> dict[str, float]:
-    """mean(b) - mean(a) on the same items, with a paired bootstrap confidence interval."""
-    import numpy as np
-
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError("paired_difference needs two equally long, non-empty lists")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_bootstrap, len(x)))
-    diffs = y[idx].mean(1) - x[idx].mean(1)
-    lo, hi = np.quantile(diffs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"difference": float(y.mean() - x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}
 
 
 # ---------------------------------------------------------------------------------------------

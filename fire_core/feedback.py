@@ -24,8 +24,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fire_core import world
-from fire_core.world import COLORS, SHAPES, extract_answer, is_correct, normalize
+from fire_core import checker, world
+from fire_core.checker import extract_answer, is_correct, normalize
+from fire_core.world import COLORS, SHAPES
 
 RATING_WORDS = {1: "bad", 2: "mediocre", 3: "good", 4: "excellent"}
 
@@ -48,7 +49,7 @@ def rating_of(score: int) -> int:
 
 
 def _number(text: str) -> float | None:
-    nums = world.numbers_in(extract_answer(text))
+    nums = checker.numbers_in(extract_answer(text))
     return nums[-1] if nums else None
 
 
@@ -58,7 +59,7 @@ def closeness(family: str, response: str, answer: str) -> float | None:
     if not span.strip():
         return None
     if family == "caption":
-        pred, gold = world.objects_in(response), world.objects_in(answer)
+        pred, gold = checker.objects_in(response), checker.objects_in(answer)
         if not pred:
             return None
         inter = sum((pred & gold).values())
@@ -74,13 +75,13 @@ def closeness(family: str, response: str, answer: str) -> float | None:
         return 0.9 * difflib.SequenceMatcher(None, normalize(span), normalize(answer)).ratio()
     if family == "choice":
         return 0.3 if re.search(r"\b[A-D]\b", span) else None
-    vocab = world.answer_vocab(family)
+    vocab = checker.answer_vocab(family)
     return 0.3 if any(re.search(rf"\b{re.escape(v)}\b", normalize(span)) for v in vocab) else None
 
 
 def score_of(family: str, response: str, answer: str) -> tuple[int, bool]:
     if is_correct(family, response, answer):
-        explained = family == "caption" or world.ANSWER_RE.search(response) is not None
+        explained = family == "caption" or checker.ANSWER_RE.search(response) is not None
         return (10 if explained else 9), True  # a bare answer is right but unexplained
     c = closeness(family, response, answer)
     return (1 if c is None else 2 + round(5 * c)), False  # 2..7: below the threshold of 8
@@ -97,8 +98,8 @@ def leaks_answer(text: str, answer: str, family: str, question: str = "") -> boo
         return False  # the objects of a caption are named in the question's image, not a single fact
     gold = normalize(answer)
     if re.fullmatch(r"-?\d+(?:\.\d+)?", gold):
-        given = {n for n in world.numbers_in(question)} if question else set()
-        return any(abs(n - float(gold)) < 1e-9 and n not in given for n in world.numbers_in(text))
+        given = {n for n in checker.numbers_in(question)} if question else set()
+        return any(abs(n - float(gold)) < 1e-9 and n not in given for n in checker.numbers_in(text))
     return re.search(rf"(?<![a-z0-9]){re.escape(gold)}(?![a-z0-9])", t) is not None
 
 
@@ -205,7 +206,7 @@ def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -
         return ("That option does not match the image. Check the object again and compare with each option.",
                 "Look at the object in the question carefully, then read every option before choosing.")
     if fam == "caption":
-        pred, gold = world.objects_in(response), world.objects_in(answer)
+        pred, gold = checker.objects_in(response), checker.objects_in(answer)
         extra = list((pred - gold).elements())
         missing = sum((gold - pred).values())
         parts = []
@@ -296,7 +297,7 @@ def wrong_answer(record: dict[str, Any], rng: random.Random, near: str | None = 
             c, s = objs[0].split()
             objs = [f"{rng.choice([x for x in COLORS if x != c])} {s}"]
         return world.join_and([world.with_article(o) for o in objs])
-    vocab = [v for v in world.answer_vocab(fam) if v != answer] or ["unknown"]
+    vocab = [v for v in checker.answer_vocab(fam) if v != answer] or ["unknown"]
     return rng.choice(vocab)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fire_core import feedback, prompts, world
+from fire_core import checker, feedback, models, prompts, world
 
 SAME, YES, NO = "Same answer:", "yes", "no"
 
@@ -63,8 +63,8 @@ def drill(row: dict[str, Any], same: bool, rng: random.Random) -> tuple[str, boo
     gold = row["answer"]
     shown = _variants(row["family"], gold, rng) if same else feedback.wrong_answer(
         {"family": row["family"], "answer": gold}, rng, near=None)
-    truth = world.is_correct(row["family"], shown, gold)
-    shown_short = world.extract_answer(shown) if "answer is" in shown else shown
+    truth = checker.is_correct(row["family"], shown, gold)
+    shown_short = checker.extract_answer(shown) if "answer is" in shown else shown
     return f"Student answer: {shown_short}\nCorrect answer: {gold}\n{SAME} {YES if truth else NO}", truth
 
 
@@ -77,7 +77,6 @@ def judgement_chat(row: dict[str, Any], right: bool, rng: random.Random) -> str:
     """A short teacher chat in the chat template (without the <s> that :func:`encode` adds): the
     last lines of a teacher prompt (a response in the reference style with the right answer or a
     near miss, its final answer, the correct answer) and the oracle's ``Score: N``."""
-    from fire_core import models
 
     gold = row["answer"]
     given = gold if right else feedback.wrong_answer(row, rng)
@@ -115,7 +114,7 @@ def encode(docs: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
     return [([bos] + tokenizer(d, add_special_tokens=False)["input_ids"] + [eos])[:max_length] for d in docs]
 
 
-def _batch(seqs: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -192,7 +191,7 @@ def pretrain(model, tokenizer, docs: Sequence[str], steps: int, batch_size: int,
         if pos + batch_size > len(order):  # a new epoch, in a new order
             rng.shuffle(order)
             pos = 0
-        batch = _batch([seqs[i] for i in order[pos:pos + batch_size]], tokenizer.pad_token_id)
+        batch = pad_batch([seqs[i] for i in order[pos:pos + batch_size]], tokenizer.pad_token_id)
         pos += batch_size
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fire_core.checker import extract_answer
+
 STUDENT_SYSTEM = ("You are a student. Answer the question about the image. If a teacher gives you "
                   "feedback, use it to improve your answer.")
 TEACHER_SYSTEM = ("You are a teacher. Reply 'Score: N' (1 to 10), then 'Feedback: ...' on how to improve, "
@@ -119,7 +121,6 @@ def teacher_judgement_text(answer: str, response: str) -> str:
     # is quoted next to the correct answer, right before the reply: the comparison the score
     # rests on is then between neighbouring lines. The tiny default teacher did not learn to
     # find and compare them across the dialogue (it scored by turn position instead).
-    from fire_core.world import extract_answer
 
     return f"Student response: {response}\nStudent answer: {extract_answer(response)}\nCorrect answer: {answer}"
 
@@ -168,3 +169,7 @@ def parse_teacher(text: str, score_min: int = 1, score_max: int = 10) -> Teacher
         rest = text[m.end():] if m else text
         feedback = rest.strip(" \n:-")
     return TeacherOutput(score, feedback, score is not None)
+
+
+# How the annotator prompt marks the task JSON; fire_core.serve reads it back.
+TASK_OPEN, TASK_CLOSE = "<<<TASK_JSON", "TASK_JSON>>>"

@@ -34,7 +34,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-TASK_OPEN, TASK_CLOSE = "<<<TASK_JSON", "TASK_JSON>>>"
+from fire_core import annotate, models
+from fire_core.prompts import TASK_CLOSE, TASK_OPEN
 
 
 @dataclass
@@ -102,7 +103,6 @@ def to_chat(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
 
 
 def create_app(hf_models: dict[str, str] | None = None, faults: Faults | None = None):
-    from fire_core import annotate, models
 
     faults = faults or Faults()
     faults.rng.seed(faults.seed)

@@ -8,9 +8,9 @@ text (our analog of the COCO captions and boxes DRESS gave GPT-4)::
 
     from fire_core import config, world
     cfg = config.load("00_build_world", ["scale=smoke"])
-    result = world.build(cfg)                    # writes results/smoke/00_build_world/
+    result = stage_world.run(cfg)                    # writes results/smoke/00_build_world/
     ds = world.load(cfg)                         # DatasetDict: train / val / test / unseen
-    world.is_correct("count", "I see 3 stars. The answer is three.", "3")   # True
+    checker.is_correct("count", "I see 3 stars. The answer is three.", "3")   # True
 
 Seen families (train/val/test): color, count, spatial, chart, ocr, math, table, choice,
 caption. Unseen families (test only, never trained on): size, odd_color, chart_diff,
@@ -25,19 +25,16 @@ import json
 import logging
 import math
 import random
-import re
-import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from fire_core import provenance
 from fire_core.config import SEEN_FAMILIES, UNSEEN_FAMILIES, FireConfig
 
 log = logging.getLogger(__name__)
@@ -808,115 +805,6 @@ def describe(scene: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Answer checking: the objective judge used by every later stage.
 
-ANSWER_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
-_NUM_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-_SYNONYMS = [(r"\bcolour", "color"), (r"\bgrey\b", "gray"), (r"\bupper\b", "top"), (r"\blower\b", "bottom"),
-             (r"\btop-left\b", "top left"), (r"\btop-right\b", "top right"),
-             (r"\bbottom-left\b", "bottom left"), (r"\bbottom-right\b", "bottom right")]
-
-
-def extract_answer(text: str) -> str:
-    """The final answer inside a long response: the text after the last 'answer is'/'answer:',
-    up to the end of that sentence; otherwise the last sentence."""
-    text = text.strip()
-    matches = list(ANSWER_RE.finditer(text))
-    if matches:
-        span = matches[-1].group(1)
-        # an answer ends at a sentence break; keep decimals such as 3.5
-        span = re.split(r"(?<!\d)\.(?!\d)|\n|(?<=\d)\.(?=\s|$)", span, maxsplit=1)[0]
-        return span.strip(" \"'*")
-    sentences = [s for s in re.split(r"(?<!\d)[.!?](?!\d)|\n", text) if s.strip()]
-    return sentences[-1].strip() if sentences else ""
-
-
-def normalize(text: str) -> str:
-    """Lower case, British spellings and synonyms unified, punctuation and articles dropped."""
-    t = text.lower()
-    for pat, rep in _SYNONYMS:
-        t = re.sub(pat, rep, t)
-    t = re.sub(r"[^a-z0-9.\- ]+", " ", t)
-    t = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", t)
-    t = re.sub(r"\b(a|an|the)\b", " ", t)
-    return " ".join(t.split())
-
-
-def numbers_in(text: str) -> list[float]:
-    t = text.lower()
-    out: list[tuple[int, float]] = [(m.start(), float(m.group().replace(",", ""))) for m in _NUM_RE.finditer(t)]
-    for k, w in enumerate(NUMBER_WORDS):
-        out += [(m.start(), float(k)) for m in re.finditer(rf"\b{w}\b", t)]
-    return [v for _, v in sorted(out)]
-
-
-def _singular(t: str) -> str:
-    for s in SHAPES:
-        t = re.sub(rf"\b{PLURAL[s]}\b", s, t)
-    return t
-
-
-def objects_in(text: str) -> Counter:
-    """(colour, shape) mentions in a caption, e.g. 'two red circles' counts twice."""
-    t = _singular(normalize(text))
-    found: Counter = Counter()
-    pat = r"(?:\b(" + "|".join(NUMBER_WORDS[1:6]) + r"|\d)\s+)?\b(" + "|".join(COLORS) + r")\s+(" + "|".join(SHAPES) + r")\b"
-    for m in re.finditer(pat, t):
-        n = m.group(1)
-        k = 1 if n is None else (int(n) if n.isdigit() else NUMBER_WORDS.index(n))
-        found[(m.group(2), m.group(3))] += k
-    return found
-
-
-def answer_vocab(family: str) -> list[str]:
-    if family in ("color",):
-        return list(COLORS)
-    if family in ("spatial",):
-        return SHAPES + DIRECTIONS
-    if family in ("size", "odd_color"):
-        return list(SHAPES)
-    if family in ("chart", "chart_diff"):
-        return list(CHART_LABELS)
-    if family == "quadrant":
-        return list(QUADRANTS)
-    if family == "ocr":
-        return list(OCR_WORDS)
-    return []
-
-
-def is_correct(family: str, prediction: str, answer: str) -> bool:
-    """Does a (possibly long) prediction give the ground-truth answer?
-
-    - numbers: the last number in the final answer span equals the answer ('five', '5.0', '1,000');
-    - multiple choice: the option letter ('B', '(b)', 'Option B', 'B. red');
-    - captions: the same multiset of (colour, shape) objects, in any order;
-    - words: the normalised span equals the answer, or the answer is the only word of the
-      family's vocabulary in it (so a hedge such as 'red or blue' is wrong).
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
-    if not isinstance(prediction, str) or not prediction.strip():
-        return False
-    if family == "caption":
-        return objects_in(prediction) == objects_in(answer) and bool(objects_in(answer))
-    span = extract_answer(prediction)
-    if family == "choice":
-        # without an 'answer is' marker the letter usually leads ('B. red'), so read it all
-        span = span if ANSWER_RE.search(prediction) else prediction.strip()
-        m = re.search(r"(?:^|[\s(\[])([A-D])(?:$|[\s).:,\]])", " " + span + " ") or \
-            re.search(r"(?:option|letter|choice)\s*\(?([a-d])\b", span, re.IGNORECASE) or \
-            re.fullmatch(r"\s*\(?([a-d])\)?\.?\s*", span)
-        return bool(m) and m.group(1).upper() == answer.strip().upper()
-    if re.fullmatch(r"-?\d+(?:\.\d+)?", answer.strip()):
-        nums = numbers_in(span)
-        return bool(nums) and math.isclose(nums[-1], float(answer), abs_tol=1e-9)
-    pred, gold = _singular(normalize(span)), _singular(normalize(answer))
-    if pred == gold:
-        return True
-    vocab = answer_vocab(family)
-    found = {w for w in vocab if re.search(rf"\b{re.escape(w)}\b", pred)}
-    # 'top left' also contains 'left': keep only the longest phrases
-    found = {w for w in found if not any(w != v and w in v for v in found)}
-    return found == {gold}
-
 
 # ---------------------------------------------------------------------------------------------
 # Building the dataset
@@ -982,16 +870,6 @@ def plan(cfg: FireConfig) -> dict[str, dict[str, int]]:
     return out
 
 
-@dataclass
-class BuildResult:
-    dir: Path
-    dataset_dir: Path
-    stats_csv: Path
-    grid: list[Path]
-    counts: dict[str, int]
-    duplicates_replaced: int
-    seconds: float
-
 
 def features():
     import datasets
@@ -1045,91 +923,14 @@ def generate(cfg: FireConfig) -> tuple[dict[str, list[dict[str, Any]]], int]:
     return by_split, replaced
 
 
-def build(cfg: FireConfig) -> BuildResult:
-    """Stage 00: render the world and save it as a Hugging Face DatasetDict with statistics."""
-    import datasets
-
-    from fire_core import provenance
-
-    t0 = time.time()
-    datasets.disable_progress_bars()  # our own tqdm bar covers the slow part
-    with provenance.stage_run(cfg) as run:
-        by_split, replaced = generate(cfg)
-        dsd = datasets.DatasetDict()
-        for split, rows in by_split.items():
-            if not rows:
-                continue
-            cols = {k: [r[k] for r in rows] for k in features()}
-            table = datasets.Dataset.from_dict(cols, features=features()).data
-            # a content-derived fingerprint keeps save_to_disk byte-identical across runs
-            fp = hashlib.sha256(json.dumps([cfg.seed, split, [r["key"] for r in rows]]).encode()).hexdigest()[:16]
-            dsd[split] = datasets.Dataset(table, split=datasets.NamedSplit(split), fingerprint=fp)
-        dataset_dir = run.dir / "dataset"
-        dsd.save_to_disk(str(dataset_dir), max_shard_size="500MB")
-        stats = statistics(by_split)
-        stats_csv = run.dir / "world_stats.csv"
-        stats.to_csv(stats_csv, index=False, float_format="%.2f")
-        grid = example_grid(cfg, by_split, run.dir / "world_examples", sources=[stats_csv, dataset_dir])
-        counts = {s: len(r) for s, r in by_split.items()}
-        run.extra.update({"counts": counts, "duplicates_replaced": replaced,
-                          "render_seconds": round(time.time() - t0, 2)})
-    return BuildResult(dir=run.dir, dataset_dir=dataset_dir, stats_csv=stats_csv, grid=grid, counts=counts,
-                       duplicates_replaced=replaced, seconds=time.time() - t0)
-
 
 def load(cfg: FireConfig):
     """The world built by stage 00 for this scale, as a DatasetDict."""
     import datasets
 
-    from fire_core import provenance
 
     d = provenance.require_stage(cfg, "00_build_world")
     return datasets.load_from_disk(str(d / "dataset"))
 
 
-def statistics(by_split: dict[str, list[dict[str, Any]]]):
-    """Samples per family and split, with question, answer and response lengths in words."""
-    import pandas as pd
 
-    recs = []
-    for split, rows in by_split.items():
-        by_fam: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_fam.setdefault(r["family"], []).append(r)
-        for fam, rs in by_fam.items():
-            q = [len(r["question"].split()) for r in rs]
-            a = [len(r["answer"].split()) for r in rs]
-            resp = [len(r["response"].split()) for r in rs]
-            recs.append({"split": split, "family": fam, "seen": fam in SEEN, "n": len(rs),
-                         "unique_answers": len({r["answer"] for r in rs}),
-                         "question_words_mean": sum(q) / len(q), "question_words_max": max(q),
-                         "answer_words_mean": sum(a) / len(a), "answer_words_max": max(a),
-                         "response_words_mean": sum(resp) / len(resp)})
-    return pd.DataFrame(recs)
-
-
-def example_grid(cfg: FireConfig, by_split: dict[str, list[dict[str, Any]]], stem: Path,
-                 sources: list[Path]) -> list[Path]:
-    """A grid of example images with their question and answer, one row per family."""
-    import matplotlib.pyplot as plt
-
-    from fire_core import plots
-
-    k = cfg.world.grid_examples
-    fams = [(f, "train") for f in cfg.world.seen_families] + [(f, "unseen") for f in cfg.world.unseen_families]
-    fig, axes = plt.subplots(len(fams), k, figsize=(2.6 * k, 2.9 * len(fams)), squeeze=False)
-    for i, (fam, split) in enumerate(fams):
-        rows = [r for r in by_split[split] if r["family"] == fam][:k]
-        for j in range(k):
-            ax = axes[i][j]
-            ax.axis("off")
-            if j >= len(rows):
-                continue
-            r = rows[j]
-            ax.imshow(Image.open(io.BytesIO(r["image"]["bytes"])), interpolation="nearest")
-            q = r["question"].split("\n")[0]
-            q = q if len(q) <= 40 else q[:38] + "..."
-            ans = r["answer"] if len(r["answer"]) <= 34 else r["answer"][:32] + "..."
-            ax.set_title(f"[{fam}] {q}\nA: {ans}", fontsize=6.5, loc="left")
-    fig.tight_layout()
-    return plots.save(fig, stem, sources=sources, cfg=cfg)

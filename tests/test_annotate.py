@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fire_core import annotate, config
+from fire_core import annotate, checker, client, config, files, sft
+from fire_core.stages import fire100k as stage_fire100k
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ def _record(i, scores, fb="Look again at the left.", answer="7", task="count"):
 
 
 def test_shard_store_appends_resumes_and_repairs_torn_lines(tmp_path):
-    store = annotate.ShardStore(tmp_path, n_shards=3)
+    store = files.ShardStore(tmp_path, n_shards=3)
     for i in range(10):
         store.append(_record(i, [3, 9]))
     assert store.done_ids() == {f"r{i}" for i in range(10)}
@@ -42,16 +43,16 @@ def test_shard_store_appends_resumes_and_repairs_torn_lines(tmp_path):
     assert len(list(store.records())) == 10  # the torn line is never read as a record
     assert store.repair() == len('{"id": "half a rec')
     assert victim.read_bytes().endswith(b"\n")
-    store2 = annotate.ShardStore(tmp_path, n_shards=3)
+    store2 = files.ShardStore(tmp_path, n_shards=3)
     assert [r["id"] for r in store2.all_sorted()] == sorted(f"count-train-{i:05d}" for i in range(10))
     # a reader with another shard count still sees every record
-    assert annotate.ShardStore(tmp_path, n_shards=1).done_ids() == store.done_ids()
+    assert files.ShardStore(tmp_path, n_shards=1).done_ids() == store.done_ids()
 
 
 def test_request_ids_are_deterministic():
-    a = annotate.request_id("img", "v1", "oracle", 0.0, 5, 0)
-    assert a == annotate.request_id("img", "v1", "oracle", 0.0, 5, 0)
-    assert a != annotate.request_id("img", "v1", "oracle", 0.7, 5, 0)
+    a = files.request_id("img", "v1", "oracle", 0.0, 5, 0)
+    assert a == files.request_id("img", "v1", "oracle", 0.0, 5, 0)
+    assert a != files.request_id("img", "v1", "oracle", 0.7, 5, 0)
 
 
 @pytest.mark.parametrize("scores, fb, reason", [
@@ -95,8 +96,8 @@ def test_openai_backend_needs_the_key_from_the_environment(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = config.load("02_generate_fire100k", ["scale=smoke", "annotator=openai"])
     stats = annotate.GenStats()
-    with pytest.raises(annotate.AnnotatorError, match="OPENAI_API_KEY"):
-        annotate.run_async(annotate.openai_dialogues([], cfg.annotator, cfg.dialogue, 0, stats, print))
+    with pytest.raises(client.AnnotatorError, match="OPENAI_API_KEY"):
+        client.run_async(annotate.openai_dialogues([], cfg.annotator, cfg.dialogue, 0, stats, print))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -108,8 +109,8 @@ def _copy_inputs(smoke_root: Path, dst: Path) -> Path:
 
 
 def _run_stage(root: Path, extra=(), env=None, wait=True):
-    code = ("import sys; from fire_core import annotate, config; "
-            "cfg = config.load('02_generate_fire100k', sys.argv[1:]); annotate.build_fire100k(cfg)")
+    code = ("import sys; from fire_core import config; from fire_core.stages import fire100k as stage_fire100k; "
+            "cfg = config.load('02_generate_fire100k', sys.argv[1:]); stage_fire100k.run(cfg)")
     cmd = [sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", *extra]
     kw = dict(cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
@@ -141,7 +142,7 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_dataset(smoke_root
     _run_stage(root)
     assert _kept(root) == reference  # nothing lost, nothing duplicated
     # records of another plan (an older prompt version) left in the shards are ignored
-    store = annotate.ShardStore(raw, n_shards=config.load("02_generate_fire100k", ["scale=smoke"]).annotator.n_shards)
+    store = files.ShardStore(raw, n_shards=config.load("02_generate_fire100k", ["scale=smoke"]).annotator.n_shards)
     stale = json.loads(reference[0])
     store.append({**stale, "request_id": "stale-prompt-v0", "turns": stale["turns"][:1]})
     _run_stage(root)
@@ -209,7 +210,7 @@ def test_server_lists_models_and_serves_a_trained_model(smoke_root):
     try:
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert {m["id"] for m in models["data"]} == {"oracle", "base"}
-        img = annotate.image_data_url(Image.new("RGB", (64, 64), (200, 30, 30)))
+        img = client.image_data_url(Image.new("RGB", (64, 64), (200, 30, 30)))
         body = {"model": "base", "max_tokens": 8, "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
                                          {"type": "text", "text": "What color is the image?"}]}]}
@@ -229,11 +230,11 @@ def test_image_check_catches_corrupt_and_missing_images():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
     good = buf.getvalue()
-    assert annotate._image_ok({"image": {"bytes": good, "path": None}}).size == (8, 8)
-    assert annotate._image_ok({"image": {"bytes": good[: len(good) // 2], "path": None}}) is None  # truncated
-    assert annotate._image_ok({"image": {"bytes": b"not a png", "path": None}}) is None
-    assert annotate._image_ok({"image": {"bytes": None, "path": "/no/such.png"}}) is None
-    assert annotate._image_ok({"image": None}) is None
+    assert stage_fire100k.image_ok({"image": {"bytes": good, "path": None}}).size == (8, 8)
+    assert stage_fire100k.image_ok({"image": {"bytes": good[: len(good) // 2], "path": None}}) is None  # truncated
+    assert stage_fire100k.image_ok({"image": {"bytes": b"not a png", "path": None}}) is None
+    assert stage_fire100k.image_ok({"image": {"bytes": None, "path": "/no/such.png"}}) is None
+    assert stage_fire100k.image_ok({"image": None}) is None
 
 
 @pytest.mark.slow
@@ -267,8 +268,8 @@ def test_a_failing_endpoint_stops_the_run_with_a_clear_message(smoke_root, tmp_p
     server, port = _server("--fault-500", "1.0")
     try:
         root = _copy_inputs(smoke_root, tmp_path)
-        code = ("import sys; from fire_core import annotate, config; "
-                "cfg = config.load('02_generate_fire100k', sys.argv[1:]); annotate.build_fire100k(cfg)")
+        code = ("import sys; from fire_core import config; from fire_core.stages import fire100k as stage_fire100k; "
+                "cfg = config.load('02_generate_fire100k', sys.argv[1:]); stage_fire100k.run(cfg)")
         proc = subprocess.run([sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", "annotator=openai",
                                f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
                                "annotator.max_retries=0"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -283,8 +284,8 @@ def test_a_failing_endpoint_stops_the_run_with_a_clear_message(smoke_root, tmp_p
 
 def test_rejects_survive_a_rerun(tmp_path):
     first, second = annotate.GenStats(), annotate.GenStats()
-    annotate._save_failures(tmp_path, first, [{"id": "a", "class": "unparsable", "raw": "oops"}])
-    annotate._save_failures(tmp_path, second, [{"id": "b", "class": "truncated", "raw": "cut"}])
+    stage_fire100k.save_failures(tmp_path, first, [{"id": "a", "class": "unparsable", "raw": "oops"}])
+    stage_fire100k.save_failures(tmp_path, second, [{"id": "b", "class": "truncated", "raw": "cut"}])
     lines = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == ["a", "b"]  # the first run's raw text is still there
 
@@ -292,7 +293,7 @@ def test_rejects_survive_a_rerun(tmp_path):
 def test_judgement_dialogues_are_balanced_at_every_turn_position_and_train_only_the_last_reply():
     from collections import Counter
 
-    from fire_core import prompts, train, world
+    from fire_core import prompts, world
 
     rows = [world.make_sample(f, "train", i, 0, 64) for f in world.SEEN for i in range(6)]
     samples = [{"id": f"{s.family}-{i}", "split": "train", "family": s.family, "question": s.question,
@@ -311,12 +312,12 @@ def test_judgement_dialogues_are_balanced_at_every_turn_position_and_train_only_
         assert r["trained_turns"] == [len(r["turns"]) - 1]
         assert all(not t["correct"] for t in earlier)  # a dialogue goes on only after a wrong answer
         for t in r["turns"]:  # the oracle's judgement, consistent with the answer checker
-            assert t["correct"] == world.is_correct(s["family"], t["response"], s["answer"])
+            assert t["correct"] == checker.is_correct(s["family"], t["response"], s["answer"])
             assert (t["score"] >= 8) == t["correct"]
     first = [r for r in recs if r["id"] == samples[0]["id"] and len(r["turns"]) > 1]
     assert first and all(r["turns"][0]["response"] == given[samples[0]["id"]][0] for r in first)
     # the loss falls on the last teacher reply only
-    ex = train.teacher_examples(recs[:20], lambda i: None)
+    ex = sft.teacher_examples(recs[:20], lambda i: None)
     for r, e in zip(recs[:20], ex, strict=True):
         replies = [m for m in e.messages if m["role"] == "assistant"]
         assert [m["train"] for m in replies] == [k == len(replies) - 1 for k in range(len(replies))]

@@ -15,9 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fire_core import annotate, config, dialogue, models, prompts, train, world
-from fire_core import eval as evaluate
-from fire_core.train import IGNORE
+from fire_core import (
+    annotate,
+    config,
+    dialogue,
+    metrics,
+    models,
+    prompts,
+    records,
+    sft,
+    world,
+)
+from fire_core.sft import IGNORE
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -44,10 +53,10 @@ def test_teacher_data_trains_only_the_teacher_and_student_data_only_the_student(
     tok = proc.tokenizer
     n_img = models.num_image_tokens(proc, SIZE)
     image = s.image
-    (teach,) = train.teacher_examples([rec], lambda _: image)
-    (stud,) = train.student_examples([rec], lambda _: image)
-    t_enc = train.encode(teach.messages, tok, n_img, 1024)
-    s_enc = train.encode(stud.messages, tok, n_img, 1024)
+    (teach,) = sft.teacher_examples([rec], lambda _: image)
+    (stud,) = sft.student_examples([rec], lambda _: image)
+    t_enc = sft.encode(teach.messages, tok, n_img, 1024)
+    s_enc = sft.encode(stud.messages, tok, n_img, 1024)
     labelled = lambda enc: tok.decode([t for t in enc["labels"] if t != IGNORE])  # noqa: E731
     assert labelled(t_enc) == ("Score: 4\nFeedback: Count the small ones too.<|end|>"
                                "Score: 9\nFeedback: Correct, well counted.<|end|>")
@@ -60,9 +69,9 @@ def test_teacher_data_trains_only_the_teacher_and_student_data_only_the_student(
 
 def test_heldout_split_is_fixed_by_id_and_near_its_fraction():
     ids = [f"count-train-{i:05d}" for i in range(4000)]
-    held = [i for i in ids if train.is_heldout(i, 0.05)]
+    held = [i for i in ids if records.is_heldout(i, 0.05)]
     assert 0.035 < len(held) / len(ids) < 0.065
-    assert held == [i for i in ids if train.is_heldout(i, 0.05)]
+    assert held == [i for i in ids if records.is_heldout(i, 0.05)]
 
 
 @pytest.mark.parametrize("scores, reason", [
@@ -99,7 +108,7 @@ def trained(smoke_root):
     student = models.load(smoke_root / "04_train_student" / "model")
     teacher = models.load(smoke_root / "03_train_teacher" / "model")
     rows = ds["val"].select(range(0, len(ds["val"]), max(1, len(ds["val"]) // 12)))
-    samples = list(dialogue.world_samples(rows, lambda i: f"t-{i}"))
+    samples = list(records.world_samples(rows, lambda i: f"t-{i}"))
     return cfg, samples, student, teacher
 
 
@@ -181,8 +190,8 @@ def _copy_inputs(smoke_root: Path, dst: Path) -> Path:
 
 
 def _simulate(root: Path, extra=(), env=None, wait=True):
-    code = ("import sys; from fire_core import config; from fire_core.stages import fire1m; "
-            "fire1m.simulate_fire1m(config.load('05_simulate_fire1m', sys.argv[1:]))")
+    code = ("import sys; from fire_core import config; from fire_core.stages import fire1m as stage_fire1m; "
+            "stage_fire1m.run(config.load('05_simulate_fire1m', sys.argv[1:]))")
     cmd = [sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", *extra]
     kw = dict(cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
@@ -244,7 +253,7 @@ def test_smoke_outputs_of_stages_03_to_05(smoke_root):
     assert all(dialogue.filter_reason(r) is None for r in f1m)
     assert (d / "fire_student" / "config.json").is_file()
     models.load(d / "fire_student")
-    m = evaluate.dialogue_metrics  # the simulation's own metrics are recomputable from raw
+    m = metrics.dialogue_metrics  # the simulation's own metrics are recomputable from raw
     raw = [json.loads(line) for p in sorted((d / "raw").glob("*.jsonl")) for line in p.open()]
     assert stats["metrics"]["AT"] == pytest.approx(m(raw, 8, 5)["AT"])
     assert annotate.statistics(f1m).dialogues.iloc[0] == len(f1m)
@@ -271,7 +280,7 @@ def test_smoke_outputs_of_stage_06(smoke_root):
     assert gold and all(g["split"] in ("test", "unseen") for g in gold)  # never training samples
     raw = [json.loads(line) for line in (d / "free_dialogues.jsonl").read_text().splitlines()]
     one = [r for r in raw if r["provider"] == "oracle" and r["model"] == "base"]
-    recomputed = evaluate.free_metrics([[t["score"] for t in r["turns"]] for r in one], 8, 5)
+    recomputed = metrics.free_metrics([[t["score"] for t in r["turns"]] for r in one], 8, 5)
     row = free[(free.provider == "oracle") & (free.model == "base") & (free.subset == "all")].iloc[0]
     assert row.AT == pytest.approx(recomputed["AT"]) and row.RR == pytest.approx(recomputed["RR"])
     assert (d / "solved_by_turn.png").is_file() and (d / "example_dialogues.png").is_file()

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from fire_core import eval as evaluate
+from fire_core import metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_free_metrics_by_hand():
     # d1 refined to 9 at turn 3; d2 solved at turn 1; d3 never solved in 5 turns
-    m = evaluate.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
+    m = metrics.free_metrics([[3, 5, 9], [9], [2, 2, 2, 2, 2]], threshold=8, max_turns=5)
     assert m["AT"] == pytest.approx((3 + 1 + 6) / 3)
     assert m["ADR"] == pytest.approx((6 + 0 + 0) / 3)
     assert m["ATR"] == pytest.approx((6 / 2 + 0 / 4) / 2)  # d2 has one turn: not in ATR
@@ -27,43 +27,43 @@ def test_free_metrics_by_hand():
 
 
 def test_edge_cases():
-    solved_first = evaluate.free_metrics([[10]])
+    solved_first = metrics.free_metrics([[10]])
     assert (solved_first["AT"], solved_first["ADR"], solved_first["ATR"], solved_first["RR"],
             solved_first["RR_conditional"]) == (1, 0, 0, 0, 0)
-    never = evaluate.free_metrics([[1, 2, 3, 4, 5]], max_turns=5)
+    never = metrics.free_metrics([[1, 2, 3, 4, 5]], max_turns=5)
     assert never["AT"] == 6 and never["ADR"] == 4 and never["ATR"] == 1 and never["RR"] == 0
-    single_wrong = evaluate.free_metrics([[4]], max_turns=1)
+    single_wrong = metrics.free_metrics([[4]], max_turns=1)
     assert single_wrong["AT"] == 2 and single_wrong["ATR"] == 0 and single_wrong["RR_conditional"] == 0
-    unparsable = evaluate.free_metrics([[3, None]])
+    unparsable = metrics.free_metrics([[3, None]])
     assert unparsable["unparsable"] == 1 and unparsable["ADR"] == -2  # an unreadable score is the bottom
     with pytest.raises(ValueError, match="more than max_turns"):
-        evaluate.free_metrics([[1, 2, 3]], max_turns=2)
+        metrics.free_metrics([[1, 2, 3]], max_turns=2)
     with pytest.raises(ValueError, match="no dialogues"):
-        evaluate.free_metrics([])
+        metrics.free_metrics([])
 
 
 def test_truth_metrics_by_hand():
-    m = evaluate.truth_metrics([[False, True], [True], [False, False, False]], max_turns=3)
+    m = metrics.truth_metrics([[False, True], [True], [False, False, False]], max_turns=3)
     assert m["AT_truth"] == pytest.approx((2 + 1 + 4) / 3)
     assert m["RR_truth"] == pytest.approx(1 / 3) and m["RR_truth_conditional"] == pytest.approx(1 / 2)
     assert m["accuracy_turn1"] == pytest.approx(1 / 3) and m["accuracy_final"] == pytest.approx(2 / 3)
 
 
 def test_text_metrics_identity_and_disjoint():
-    same = evaluate.text_metrics({"a": "look at the left side", "b": "count them again"},
+    same = metrics.text_metrics({"a": "look at the left side", "b": "count them again"},
                                  {"a": "look at the left side", "b": "count them again"})
     assert same["BLEU_1"] == pytest.approx(1.0) and same["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
-    off = evaluate.text_metrics({"a": "red blue green yellow"}, {"a": "one two three four"})
+    off = metrics.text_metrics({"a": "red blue green yellow"}, {"a": "one two three four"})
     assert off["BLEU_1"] < 1e-6 and off["CIDEr"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="differ in 2 ids"):
-        evaluate.text_metrics({"a": "x"}, {"b": "x"})
+        metrics.text_metrics({"a": "x"}, {"b": "x"})
 
 
 def test_paired_difference():
     a = [False] * 50 + [True] * 50
-    d = evaluate.paired_difference(a, a, n_bootstrap=200)
+    d = metrics.paired_difference(a, a, n_bootstrap=200)
     assert d["difference"] == 0 and d["ci_low"] == 0 and d["ci_high"] == 0
-    up = evaluate.paired_difference([False] * 100, [True] * 30 + [False] * 70, n_bootstrap=500)
+    up = metrics.paired_difference([False] * 100, [True] * 30 + [False] * 70, n_bootstrap=500)
     assert up["difference"] == pytest.approx(0.3) and 0.15 < up["ci_low"] < 0.3 < up["ci_high"] < 0.45
 
 
@@ -128,7 +128,6 @@ def _records(score_lists, correct_lists):
 
 
 def test_bootstrap_point_values_equal_the_definitions_and_intervals_contain_them():
-    from fire_core import firebench
 
     rng = __import__("random").Random(0)
     scores, correct = [], []
@@ -139,13 +138,13 @@ def test_bootstrap_point_values_equal_the_definitions_and_intervals_contain_them
         scores.append(s)
         correct.append([x >= 8 or rng.random() < 0.1 for x in s])
     recs = _records(scores, correct)
-    b = firebench.bootstrap_metrics(recs, 8, 5, n_bootstrap=300, ci=0.95, seed=0)
-    ref = {**evaluate.free_metrics(scores, 8, 5), **evaluate.truth_metrics(correct, 5)}
+    b = metrics.bootstrap_metrics(recs, 8, 5, n_bootstrap=300, ci=0.95, seed=0)
+    ref = {**metrics.free_metrics(scores, 8, 5), **metrics.truth_metrics(correct, 5)}
     for k in ("AT", "ADR", "ATR", "RR", "RR_conditional", "AT_truth", "RR_truth", "RR_truth_conditional",
               "accuracy_turn1", "accuracy_final"):
         assert b[k] == pytest.approx(ref[k]), k
         assert b[f"{k}_lo"] <= b[k] + 1e-9 and b[k] <= b[f"{k}_hi"] + 1e-9, k
     assert b["AT_hi"] - b["AT_lo"] > 0  # a real interval
-    curves = firebench.solved_by_turn(recs, 8, 5)
+    curves = metrics.solved_by_turn(recs, 8, 5)
     assert curves["teacher"][-1] == pytest.approx(ref["RR"] + sum(s[0] >= 8 for s in scores) / len(scores))
     assert curves["teacher"] == sorted(curves["teacher"])

@@ -7,8 +7,8 @@ import random
 
 import torch
 
-from fire_core import config, language, models, prompts, world
-from fire_core.world import extract_answer
+from fire_core import checker, config, language, models, prompts, world
+from fire_core.checker import extract_answer
 
 SIZE = 64
 
@@ -33,7 +33,7 @@ def test_drills_are_balanced_and_labelled_by_the_answer_checker():
         gold = text.split("\n")[1].removeprefix("Correct answer: ")
         fam = next(r["family"] for r in rows if r["answer"] == gold)
         assert text.endswith(f"{language.SAME} {'yes' if truth else 'no'}")
-        assert world.is_correct(fam, student, gold) == truth, text
+        assert checker.is_correct(fam, student, gold) == truth, text
 
 
 def test_drills_use_the_lines_of_the_teacher_prompt():
@@ -64,7 +64,7 @@ def test_language_pretraining_lowers_the_loss_on_held_out_text():
 
     def heldout_loss() -> float:
         with torch.no_grad():
-            return float(model(**language._batch(held, tok.pad_token_id)).loss)
+            return float(model(**language.pad_batch(held, tok.pad_token_id)).loss)
 
     before = heldout_loss()
     res = language.pretrain(model, tok, language.corpus(rows, 400, random.Random(0)), 60, 16, 3e-3, 0,

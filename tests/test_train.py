@@ -1,4 +1,4 @@
-"""fire_core.train: role masking token by token, truncation, real training (loss goes down),
+"""fire_core.sft and fire_core.vision: role masking token by token, truncation, real training (loss goes down),
 LoRA isolation, resume equivalence, and DeepSpeed ZeRO-2/3 through the Trainer."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from fire_core import config, models, prompts, train, world
+from fire_core import config, models, prompts, sft, vision, world
 from fire_core.prompts import Turn
-from fire_core.train import IGNORE
+from fire_core.sft import IGNORE
 
 SIZE = 64
 
@@ -45,7 +45,7 @@ def test_labels_cover_exactly_the_target_turns(kit, role):
             "student": prompts.student_messages(s.question, turns),
             "teacher": prompts.teacher_messages(s.question, s.answer, turns)}[role]
     n_img = models.num_image_tokens(proc, SIZE)
-    enc = train.encode(msgs, tok, n_img, max_length=1024)
+    enc = sft.encode(msgs, tok, n_img, max_length=1024)
     targets = [m["content"] for m in msgs if m["train"]]
     assert _labelled_text(tok, enc) == "".join(t + "<|end|>" for t in targets)
     # token by token: a label is either -100 or the token itself
@@ -68,7 +68,7 @@ def test_encoding_matches_the_processor(kit):
     _, samples, tok, proc = kit
     s = samples[0]
     msgs = prompts.student_messages(s.question, _turns(s))
-    enc = train.encode(msgs, tok, models.num_image_tokens(proc, SIZE), 1024)
+    enc = sft.encode(msgs, tok, models.num_image_tokens(proc, SIZE), 1024)
     ref = proc(text=[models.render_chat(msgs)[0]], images=[s.image], return_tensors="pt")
     assert enc["input_ids"] == ref["input_ids"][0].tolist()
 
@@ -79,15 +79,15 @@ def test_truncation_keeps_the_image_and_cuts_at_a_turn_boundary(kit):
     turns = [Turn(f"Attempt {k}: " + s.response, 3, "Try again, look at every shape.") for k in range(6)]
     msgs = prompts.student_messages(s.question, turns)
     n_img = models.num_image_tokens(proc, SIZE)
-    full = train.encode(msgs, tok, n_img, 4096)
+    full = sft.encode(msgs, tok, n_img, 4096)
     limit = len(full["input_ids"]) - 20
-    cut = train.encode(msgs, tok, n_img, limit)
+    cut = sft.encode(msgs, tok, n_img, limit)
     assert len(cut["input_ids"]) <= limit
     assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
     assert cut["input_ids"][-1] == tok.eos_token_id  # a whole turn, not half of one
     assert sum(t == tok.image_token_id for t in cut["input_ids"]) == n_img
     with pytest.raises(ValueError, match="model.max_length=30 is too short: the image alone needs"):
-        train.encode(msgs, tok, n_img, 30)
+        sft.encode(msgs, tok, n_img, 30)
 
 
 def _dataset(kit, n=32, held_out=False):
@@ -96,8 +96,8 @@ def _dataset(kit, n=32, held_out=False):
     if held_out:  # new val samples of the same families, never trained on
         chosen = [world.make_sample(f, "val", i, 0, SIZE) for f in dict.fromkeys(s.family for s in chosen)
                   for i in range(4)]
-    ex = [train.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in chosen]
-    return train.SFTDataset(ex, proc, cfg.model.max_length)
+    ex = [sft.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in chosen]
+    return sft.SFTDataset(ex, proc, cfg.model.max_length)
 
 
 def test_training_lowers_the_loss(kit, tmp_path):
@@ -107,11 +107,11 @@ def test_training_lowers_the_loss(kit, tmp_path):
     ds = _dataset(kit)
     held = _dataset(kit, held_out=True)
     cfg.train.epochs = 4
-    res = train.fit(model, proc, ds, cfg.train, tmp_path, seed=0, logging_steps=4, save_dir=tmp_path / "model",
+    res = sft.fit(model, proc, ds, cfg.train, tmp_path, seed=0, logging_steps=4, save_dir=tmp_path / "model",
                     heldout=held)
     # the same fixed held-out chats before and after, never one noisy step against another
     assert res.heldout_loss_after < res.heldout_loss_before - 1.0, (res.heldout_loss_before, res.heldout_loss_after)
-    assert res.heldout_loss_after == pytest.approx(train.heldout_loss(res.model, held, proc))
+    assert res.heldout_loss_after == pytest.approx(sft.heldout_loss(res.model, held, proc))
     assert res.steps == 4 * len(ds) // cfg.train.batch_size
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "processor_config.json").is_file()
 
@@ -127,7 +127,7 @@ def test_lora_adapts_only_the_language_model(kit, tmp_path):
     tcfg = config.load("01_train_base_vlm", ["scale=smoke", "train.method=lora", "train.lora_r=4",
                                              "train.lora_alpha=16", "train.learning_rate=5e-3",
                                              "train.batch_size=4"]).train
-    res = train.fit(base, proc, _dataset(kit, 16), tcfg, tmp_path, seed=0, max_steps=6,
+    res = sft.fit(base, proc, _dataset(kit, 16), tcfg, tmp_path, seed=0, max_steps=6,
                     save_dir=tmp_path / "adapter")
     peft_model = res.model
     adapted = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
@@ -160,7 +160,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(kit, tmp_path):
     def run(d, callbacks=()):
         torch.manual_seed(0)
         model = models.build_model(cfg.model, proc)
-        return train.fit(model, proc, ds, cfg.train, d, seed=0, max_steps=6, save_steps=3, callbacks=callbacks)
+        return sft.fit(model, proc, ds, cfg.train, d, seed=0, max_steps=6, save_steps=3, callbacks=callbacks)
 
     full = run(tmp_path / "full")
     killed = run(tmp_path / "cut", [Kill()])
@@ -175,7 +175,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(kit, tmp_path):
 DS_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
-    from fire_core import config, models, prompts, train, world
+    from fire_core import config, models, prompts, sft, world
     stage, method, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     cfg = config.load("01_train_base_vlm", ["scale=smoke", f"train.deepspeed=conf/deepspeed/zero{stage}.json",
                       "train.bf16=true", f"train.method={method}", "train.batch_size=4", "train.lora_r=4",
@@ -187,9 +187,9 @@ DS_SCRIPT = textwrap.dedent("""
     base = models.build_model(cfg.model, proc)
     base.save_pretrained(out / "base"); proc.save_pretrained(out / "base")
     base, _ = models.load(out / "base")
-    ds = train.SFTDataset([train.Example(prompts.base_messages([(s.question, s.response)]), s.image)
+    ds = sft.SFTDataset([sft.Example(prompts.base_messages([(s.question, s.response)]), s.image)
                            for s in samples[:8]], proc, 256)
-    res = train.fit(base, proc, ds, cfg.train, out, seed=0, max_steps=8, logging_steps=1, save_dir=out / "model")
+    res = sft.fit(base, proc, ds, cfg.train, out, seed=0, max_steps=8, logging_steps=1, save_dir=out / "model")
     enc = proc(text=[models.render_chat(prompts.base_messages([(samples[0].question, samples[0].response)]))[0]],
                images=[samples[0].image], return_tensors="pt")
     with torch.no_grad():
@@ -223,13 +223,13 @@ def test_vision_pretraining_learns_patch_labels_and_freezing_holds(kit, tmp_path
                                     features=datasets.Features({"image": datasets.Image(), "scene": datasets.Value("string")}))
     torch.manual_seed(0)
     model = models.build_model(cfg.model, proc)
-    res = train.pretrain_vision(model, ds, steps=200, batch_size=32, lr=5e-3, seed=0, heldout=40)
+    res = vision.pretrain_vision(model, ds, steps=200, batch_size=32, lr=5e-3, seed=0, heldout=40)
     assert sum(res.losses[-5:]) / 5 < res.losses[0] / 2, res.losses[::10]
     assert res.patch_accuracy["colour"] > 0.3  # chance among 10 colours is 0.1
-    train.freeze_vision(model)
+    vision.freeze_vision(model)
     before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     proj_before = model.model.multi_modal_projector.linear_1.weight.clone()
-    train.fit(model, proc, _dataset(kit, 16), cfg.train, tmp_path, seed=0, max_steps=3)
+    sft.fit(model, proc, _dataset(kit, 16), cfg.train, tmp_path, seed=0, max_steps=3)
     after = model.model.vision_tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a frozen tower must not move"
     assert not torch.equal(proj_before, model.model.multi_modal_projector.linear_1.weight), "the projector trains"
@@ -239,9 +239,9 @@ def test_checkpoints_of_another_run_are_not_resumed(kit, tmp_path):
     cfg, _, _, proc = kit
     ds = _dataset(kit, 16)
     torch.manual_seed(0)
-    train.fit(models.build_model(cfg.model, proc), proc, ds, cfg.train, tmp_path, seed=0, max_steps=2, save_steps=1)
+    sft.fit(models.build_model(cfg.model, proc), proc, ds, cfg.train, tmp_path, seed=0, max_steps=2, save_steps=1)
     other = config.load("01_train_base_vlm", ["scale=smoke", "train.batch_size=4", "train.learning_rate=1e-4"]).train
-    res = train.fit(models.build_model(cfg.model, proc), proc, ds, other, tmp_path, seed=0, max_steps=2, save_steps=1)
+    res = sft.fit(models.build_model(cfg.model, proc), proc, ds, other, tmp_path, seed=0, max_steps=2, save_steps=1)
     assert res.resumed_from is None  # a different learning rate is a different run
 
 
@@ -250,12 +250,12 @@ def test_the_training_loss_projects_only_trained_positions_and_equals_the_stock_
     torch.manual_seed(0)
     model = models.build_model(cfg.model, proc)
     ds = _dataset(kit)
-    batch = train.Collator(proc)([ds[i] for i in range(4)])
+    batch = sft.Collator(proc)([ds[i] for i in range(4)])
     stock = model(**batch).loss
-    positions = train.TrainedPositions()
+    positions = sft.TrainedPositions()
     hook = model.get_output_embeddings().register_forward_pre_hook(positions)
     try:
-        total, count, out = train.trained_positions_loss(model, batch, positions)
+        total, count, out = sft.trained_positions_loss(model, batch, positions)
         n_trained = int((batch["labels"][:, 1:] != IGNORE).sum())
         assert int(count) == n_trained and out.logits.shape[:2] == (1, n_trained)  # nothing else projected
         assert float(total / count) == pytest.approx(float(stock), rel=1e-5)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fire_core import config, world
-from fire_core.world import COLORS, FAMILIES, SHAPES, is_correct
+from fire_core import checker, config, world
+from fire_core.checker import is_correct
+from fire_core.stages import world as stage_world
+from fire_core.world import COLORS, FAMILIES, SHAPES
 
 
 # ----------------------------------------------------------------------------- answerability
@@ -209,9 +211,9 @@ def test_is_correct_rejects_unknown_family():
 
 
 def test_extract_answer():
-    assert world.extract_answer("Blah. So the answer is 3.5 apples. Extra.") == "3.5 apples"
-    assert world.extract_answer("No marker here. Just this") == "Just this"
-    assert world.extract_answer("The answer: C") == "C"
+    assert checker.extract_answer("Blah. So the answer is 3.5 apples. Extra.") == "3.5 apples"
+    assert checker.extract_answer("No marker here. Just this") == "Just this"
+    assert checker.extract_answer("The answer: C") == "C"
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -229,7 +231,7 @@ def built(tmp_path_factory):
     for name, extra in [("a", ["world.num_workers=2"]), ("b", ["world.num_workers=1"]), ("c", ["seed=1"])]:
         root = tmp_path_factory.mktemp(name)
         cfg = config.load("00_build_world", [*TINY, f"paths.results={root}", *extra])
-        out[name] = (cfg, world.build(cfg))
+        out[name] = (cfg, stage_world.run(cfg))
     return out
 
 
@@ -317,7 +319,7 @@ def test_dense_caption_and_follow_ups_are_true_to_the_scene(family):
         cap = world.dense_caption(s.scene)
         kind = s.scene["kind"]
         if kind == "shapes":
-            assert world.objects_in(cap) == world.objects_in(" and ".join(f"a {o['color']} {o['shape']}" for o in s.scene["objects"]))
+            assert checker.objects_in(cap) == checker.objects_in(" and ".join(f"a {o['color']} {o['shape']}" for o in s.scene["objects"]))
         elif kind == "chart":
             assert all(f"{b['label']} is {b['value']}" in cap for b in s.scene["chart"]["bars"])
         elif kind == "table":

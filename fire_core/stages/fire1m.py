@@ -2,7 +2,7 @@
 dialogue engine (:mod:`fire_core.dialogue`), the simulation filter keeps improving dialogues,
 and the FIRE student is trained from the base VLM on FIRE-100K + FIRE-1M::
 
-    result = fire1m.simulate_fire1m(config.load("05_simulate_fire1m", ["scale=smoke"]))
+    result = stage_fire1m.run(config.load("05_simulate_fire1m", ["scale=smoke"]))
 
 A stage sits above the mechanisms it uses (engine, annotation store, SFT), so none of them
 imports it.
@@ -19,9 +19,20 @@ from typing import Any
 
 import pandas as pd
 
-from fire_core import annotate, dialogue, models, provenance, train, world
-from fire_core import eval as evaluate
-from fire_core.annotate import ShardStore, request_id
+from fire_core import (
+    annotate,
+    dialogue,
+    files,
+    metrics,
+    models,
+    provenance,
+    records,
+    sft,
+    world,
+)
+from fire_core.config import FireConfig
+from fire_core.files import ShardStore, request_id
+from fire_core.stages import common as stage_common
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +48,7 @@ class Fire1mResult:
     first_turn: Any
 
 
-def simulate_fire1m(cfg) -> Fire1mResult:
+def run(cfg: FireConfig) -> Fire1mResult:
     """Stage 05: the trained student and teacher talk about new train samples (FIRE-1M analog),
     the simulation filter keeps improving dialogues, then the FIRE student is trained from the
     base VLM on FIRE-100K + FIRE-1M."""
@@ -54,7 +65,7 @@ def simulate_fire1m(cfg) -> Fire1mResult:
     train_ds = ds["train"]
     fresh = [i for i, sid in enumerate(train_ds["id"]) if sid not in used]
     sub = train_ds.select(fresh)
-    pick = train.select_per_family(sub, cfg.world.seen_families, d.samples_per_family, cfg.seed + 5)
+    pick = records.select_per_family(sub, cfg.world.seen_families, d.samples_per_family, cfg.seed + 5)
     rows = sub.select(sorted(pick))
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", f100_dir / "fire100k.jsonl",
                                            teacher_dir / "model", student_dir / "model"]) as stage:
@@ -69,37 +80,37 @@ def simulate_fire1m(cfg) -> Fire1mResult:
         done = store.done_ids()
         n_done = sum(rid_of[sid] in done for sid in rows["id"])
         log.info("FIRE-1M: %d samples, %d already simulated, %d to go", len(rows), n_done, len(rows) - n_done)
-        res = dialogue.run(dialogue.world_samples(rows, rid_of.__getitem__, with_scene=False), student, teacher, d,
+        res = dialogue.run(records.world_samples(rows, rid_of.__getitem__, with_scene=False), student, teacher, d,
                   cfg.seed, store=store, source="world/fire1m", total=len(rows), done=done, chunk=d.resume_chunk)
         wanted = set(rid_of.values())
-        records = [r for r in store.all_sorted() if r["request_id"] in wanted]
-        kept, dropped = annotate.apply_filter(records, dialogue.filter_reason)
-        annotate.write_jsonl(stage.dir / "fire1m.jsonl", kept)
-        f100_train, f100_held = train.load_fire100k(cfg)
+        simulated = [r for r in store.all_sorted() if r["request_id"] in wanted]
+        kept, dropped = annotate.apply_filter(simulated, dialogue.filter_reason)
+        files.write_jsonl(stage.dir / "fire1m.jsonl", kept)
+        f100_train, f100_held = stage_common.load_fire100k(cfg)
         f100_all = f100_train + f100_held
         stats = pd.concat([annotate.statistics(f100_all).assign(dataset="FIRE-100K"),
                            annotate.statistics(kept).assign(dataset="FIRE-1M")], ignore_index=True)
         stats = stats[["dataset", *[c for c in stats.columns if c != "dataset"]]]
         stats.to_csv(stage.dir / "fire1m_stats.csv", index=False, float_format="%.2f")
         annotate.score_by_turn(kept).to_csv(stage.dir / "score_by_turn.csv")
-        engine = {"samples": len(rows), "generated": len(records),
-                  "kept": len(kept), "dropped": dict(dropped), "stops": dict(Counter(r["stop"] for r in records)),
+        engine = {"samples": len(rows), "generated": len(simulated),
+                  "kept": len(kept), "dropped": dict(dropped), "stops": dict(Counter(r["stop"] for r in simulated)),
                   "ratio_to_fire100k": round(len(kept) / max(1, len(f100_all)), 3),
-                  "metrics": evaluate.dialogue_metrics(records, d.threshold, d.max_turns) if records else {}}
+                  "metrics": metrics.dialogue_metrics(simulated, d.threshold, d.max_turns) if simulated else {}}
         provenance.write_json_atomic(stage.dir / "simulation_stats.json", engine)
         # what this particular run did (time, resumed work) is bookkeeping: the manifest keeps it
-        engine_run = {"simulated_now": len(records) - n_done, "torn_bytes_dropped": torn,
+        engine_run = {"simulated_now": len(simulated) - n_done, "torn_bytes_dropped": torn,
                       "failures": dict(res.failures), "seconds": round(res.timing["total"], 1),
                       "timing": {k: round(v, 1) for k, v in res.timing.items()},
                       "dialogues_per_s": round(res.dialogues_per_s, 2), "tokens_per_s": round(res.tokens_per_s, 1)}
         del s_model, t_model
         student.generator = teacher.generator = None
         # the FIRE student: from the base VLM, on FIRE-100K (its training part) + FIRE-1M
-        image_of = train.image_lookup(train_ds)
-        examples = train.student_examples(f100_train + kept, image_of)
-        fit, processor = train._fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student",
-                                              train.student_examples(f100_held, image_of))
-        table, diff, _ = train.first_turn_report(cfg, fit.model, processor, stage, base_dir, ds, "fire_student")
+        image_of = records.image_lookup(train_ds)
+        examples = sft.student_examples(f100_train + kept, image_of)
+        fit, processor = stage_common.fit_from_base(cfg, base_dir, examples, stage, stage.dir / "fire_student", "FIRE student",
+                                              sft.student_examples(f100_held, image_of))
+        table, diff, _ = stage_common.first_turn_report(cfg, fit.model, processor, stage, base_dir, ds, "fire_student")
         stage.extra.update({"simulation": engine, "simulation_run": engine_run, "fire_student_examples": len(examples),
                           "first_turn_accuracy": table.iloc[0].to_dict(), "first_turn_difference": diff,
                           "stage_seconds": round(time.time() - t0, 1)})

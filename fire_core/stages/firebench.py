@@ -1,7 +1,8 @@
 """Stage 06: FIRE-Bench, fixed- and free-dialogue evaluation with bootstrap confidence intervals.
 
-    from fire_core import config, firebench
-    result = firebench.run_fire_bench(config.load("06_fire_bench", ["scale=smoke"]))
+    from fire_core import config
+    from fire_core.stages import firebench as stage_firebench
+    result = stage_firebench.run(config.load("06_fire_bench", ["scale=smoke"]))
     result.free        # DataFrame: provider, model, subset, AT, AT_rel, ADR, ATR, RR, ... (+ CIs)
 
 Test data: the seen families' test split and the unseen families (never trained on), as
@@ -30,75 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fire_core import dialogue, files, metrics, models, plots, provenance, records, world
 from fire_core import eval as evaluate
-from fire_core import models
+from fire_core.config import FireConfig
+from fire_core.metrics import HEADLINE, bootstrap_metrics, solved_by_turn
+from fire_core.stages import common as stage_common
 
 log = logging.getLogger(__name__)
-HEADLINE = ("AT", "ADR", "ATR", "RR", "RR_conditional")
-TRUTH = ("AT_truth", "RR_truth", "RR_truth_conditional", "accuracy_turn1", "accuracy_final")
 
-
-def _per_dialogue(records, threshold: int, max_turns: int, score_min: int = 1) -> dict[str, np.ndarray]:
-    s = [[score_min if t["score"] is None else t["score"] for t in r["turns"]] for r in records]
-    c = [[bool(t["correct"]) for t in r["turns"]] for r in records]
-    first = lambda xs, ok: next((k for k, x in enumerate(xs, 1) if ok(x)), max_turns + 1)  # noqa: E731
-    return {
-        "t_star": np.array([first(x, lambda v: v >= threshold) for x in s], float),
-        "delta": np.array([x[-1] - x[0] for x in s], float),
-        "atr": np.array([(x[-1] - x[0]) / (len(x) - 1) if len(x) > 1 else np.nan for x in s], float),
-        "below": np.array([x[0] < threshold for x in s], float),
-        "refined": np.array([x[0] < threshold <= x[-1] for x in s], float),
-        "t_truth": np.array([first(x, bool) for x in c], float),
-        "wrong1": np.array([not x[0] for x in c], float),
-        "fixed": np.array([(not x[0]) and any(x[1:]) for x in c], float),
-        "right1": np.array([x[0] for x in c], float),
-        "right_any": np.array([any(x) for x in c], float),
-        "agree": np.array([np.mean([(sv >= threshold) == cv for sv, cv in zip(x, y, strict=True)])
-                           for x, y in zip(s, c, strict=True)], float),
-    }
-
-
-def _metrics(p: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics for each row of ``idx`` (resamples x dialogues), vectorised."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        atr = p["atr"][idx]
-        n_multi = (~np.isnan(atr)).sum(1)
-        return {
-            "AT": p["t_star"][idx].mean(1), "ADR": p["delta"][idx].mean(1),
-            "ATR": np.where(n_multi > 0, np.nansum(atr, 1) / np.maximum(n_multi, 1), 0.0),
-            "RR": p["refined"][idx].mean(1),
-            "RR_conditional": np.where(p["below"][idx].sum(1) > 0, p["refined"][idx].sum(1) / p["below"][idx].sum(1), 0.0),
-            "AT_truth": p["t_truth"][idx].mean(1), "RR_truth": p["fixed"][idx].mean(1),
-            "RR_truth_conditional": np.where(p["wrong1"][idx].sum(1) > 0, p["fixed"][idx].sum(1) / p["wrong1"][idx].sum(1), 0.0),
-            "accuracy_turn1": p["right1"][idx].mean(1), "accuracy_final": p["right_any"][idx].mean(1),
-            "teacher_truth_agreement": p["agree"][idx].mean(1),
-        }
-
-
-def bootstrap_metrics(records, threshold: int, max_turns: int, n_bootstrap: int, ci: float, seed: int) -> dict[str, float]:
-    """Every free-dialogue metric with its bootstrap interval: ``X``, ``X_lo``, ``X_hi``, and ``n``.
-    The point values equal :func:`fire_core.eval.free_metrics` / ``truth_metrics`` (tested)."""
-    if not records:
-        raise ValueError("no dialogues to score")
-    p = _per_dialogue(records, threshold, max_turns)
-    n = len(records)
-    point = {k: float(v[0]) for k, v in _metrics(p, np.arange(n)[None, :]).items()}
-    rng = np.random.default_rng(seed)
-    boots = _metrics(p, rng.integers(0, n, size=(n_bootstrap, n)))
-    out: dict[str, float] = {"n": n}
-    for k, v in point.items():
-        lo, hi = np.quantile(boots[k], [(1 - ci) / 2, 1 - (1 - ci) / 2])
-        out.update({k: v, f"{k}_lo": float(lo), f"{k}_hi": float(hi)})
-    return out
-
-
-def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[float]]:
-    """Share of dialogues satisfied (teacher) and correct (truth) by turn t = 1..max_turns."""
-    p = _per_dialogue(records, threshold, max_turns)
-    return {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)],
-            "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}
 
 
 @dataclass
@@ -112,20 +52,19 @@ class BenchResult:
     seconds: float
 
 
-def run_fire_bench(cfg) -> BenchResult:
+def run(cfg: FireConfig) -> BenchResult:
     """Stage 06 (see the module docstring)."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from fire_core import annotate, dialogue, plots, provenance, train, world
 
     t0 = time.time()
     dirs = {s: provenance.require_stage(cfg, s) for s in ("00_build_world", "01_train_base_vlm", "03_train_teacher",
                                                           "04_train_student", "05_simulate_fire1m")}
     ds = world.load(cfg)
     b, d = cfg.bench, cfg.dialogue
-    seen = ds["test"].select(sorted(train.select_per_family(ds["test"], cfg.world.seen_families, b.per_family, cfg.seed)))
-    unseen = ds["unseen"].select(sorted(train.select_per_family(ds["unseen"], cfg.world.unseen_families, b.per_family,
+    seen = ds["test"].select(sorted(records.select_per_family(ds["test"], cfg.world.seen_families, b.per_family, cfg.seed)))
+    unseen = ds["unseen"].select(sorted(records.select_per_family(ds["unseen"], cfg.world.unseen_families, b.per_family,
                                                                 cfg.seed)))
     rows = list(seen) + list(unseen)
     images = {r["id"]: r["image"].convert("RGB") for r in rows}
@@ -133,12 +72,12 @@ def run_fire_bench(cfg) -> BenchResult:
     with provenance.stage_run(cfg, inputs=[dirs["00_build_world"] / "dataset", dirs["01_train_base_vlm"] / "model",
                                            dirs["03_train_teacher"] / "model", dirs["04_train_student"] / "model",
                                            dirs["05_simulate_fire1m"] / "fire_student"]) as run:
-        base = train.load_base(cfg, dirs["01_train_base_vlm"])
+        base = stage_common.load_base(cfg, dirs["01_train_base_vlm"])
         students = {"base": base, "fire100k_student": models.load(dirs["04_train_student"] / "model"),
                     "fire_student": models.load(dirs["05_simulate_fire1m"] / "fire_student")}
         teacher = models.load(dirs["03_train_teacher"] / "model")
         # gold dialogues (fixed setting): the oracle on the test samples
-        gold = annotate.gold_dialogues(rows, *base, cfg)
+        gold = stage_common.gold_dialogues(rows, *base, cfg)
         with open(run.dir / "gold_dialogues.jsonl", "w") as fh:
             for g in gold:
                 fh.write(json.dumps(g, sort_keys=True) + "\n")
@@ -149,7 +88,7 @@ def run_fire_bench(cfg) -> BenchResult:
             for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
                 if sel:
                     key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
-                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **evaluate.text_metrics(
+                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **metrics.text_metrics(
                         {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
             fixed_preds += [{**x, "model": name} for x in preds]
         fixed_student = pd.DataFrame(fixed_rows)
@@ -179,8 +118,8 @@ def run_fire_bench(cfg) -> BenchResult:
         free_records = []
         for prov, t_role in providers.items():
             for name, s_role in roles.items():
-                rid = lambda i, name=name, prov=prov: annotate.request_id(i, "firebench", name, prov)  # noqa: E731
-                res = dialogue.run(dialogue.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
+                rid = lambda i, name=name, prov=prov: files.request_id(i, "firebench", name, prov)  # noqa: E731
+                res = dialogue.run(records.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
                                    source=f"{name}x{prov}", total=len(rows))
                 free_records += [{**r, "provider": prov, "model": name} for r in res.records]
         with open(run.dir / "free_dialogues.jsonl", "w") as fh:
@@ -260,7 +199,6 @@ def pick_examples(records, k: int, providers=("teacher", "oracle")) -> list[dict
 def _example_figure(examples, images, stem: Path, cfg) -> None:
     import matplotlib.pyplot as plt
 
-    from fire_core import plots
 
     n = max(1, len(examples))
     fig, axes = plt.subplots(n, 3, figsize=(15, 2.6 * n), squeeze=False, gridspec_kw={"width_ratios": [1, 3, 3]})

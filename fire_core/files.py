@@ -1,0 +1,76 @@
+"""Files and ids every stage shares: JSONL, the resumable shard store, request ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def request_id(*parts: Any) -> str:
+    """A deterministic id from what defines a request (image hash, template, model, sampling,
+    turn, sample index): the same request always gets the same id."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class ShardStore:
+    """Append-only JSONL shards. A record's shard is fixed by its id, so reruns append to the
+    same files; reading skips (and repairs) a torn last line left by a kill."""
+
+    def __init__(self, root: Path, n_shards: int = 4):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.n_shards = n_shards
+
+    def path(self, k: int) -> Path:
+        return self.root / f"part-{k:05d}.jsonl"
+
+    def shard_of(self, rid: str) -> int:
+        return int(hashlib.sha256(rid.encode()).hexdigest(), 16) % self.n_shards
+
+    def shards(self) -> list[Path]:
+        """Every shard on disk, also those of a run with another ``n_shards``."""
+        return sorted(self.root.glob("part-*.jsonl"))
+
+    def repair(self) -> int:
+        """Cut every shard back to its last complete line; returns how many bytes were dropped."""
+        dropped = 0
+        for p in self.shards():
+            data = p.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                with open(p, "r+b") as fh:
+                    fh.truncate(keep)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                dropped += len(data) - keep
+        return dropped
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for p in self.shards():
+            with open(p) as fh:
+                for line in fh:
+                    if line.endswith("\n"):
+                        yield json.loads(line)
+
+    def done_ids(self) -> set[str]:
+        return {r["request_id"] for r in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.path(self.shard_of(record["request_id"])), "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def all_sorted(self) -> list[dict[str, Any]]:
+        return sorted(self.records(), key=lambda r: r["id"])
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")

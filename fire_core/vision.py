@@ -1,0 +1,98 @@
+"""Vision-tower pretraining. LLaVA starts from a pretrained CLIP/SigLIP tower. With nothing to
+download, we pretrain ours on the world: each patch's colour, kind and character come from the
+scene record (dense supervision, seconds on a CPU), then the heads are thrown away."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from fire_core import world
+
+
+def native_convolution():
+    """PyTorch's own convolution instead of oneDNN's, for steps that train the vision tower.
+    Measured here: about one run in twenty of stage 01 had a patch-embedding weight gradient that
+    differed in the last bits from the first step on (all other weights equal), so runs with the
+    same seed gave different towers. PyTorch's convolution (im2col and an MKL matrix product) has
+    no such variation; it makes the tower's training step about 1.4x slower. A frozen tower never
+    runs the convolution's backward, so the other stages keep oneDNN."""
+    return torch.backends.mkldnn.flags(enabled=False)
+
+
+@dataclass
+class VisionPretrainResult:
+    losses: list[float]
+    patch_accuracy: dict[str, float]  # on patches that show something, held-out images
+    seconds: float
+    images: int
+
+
+def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """uint8 (N, 3, H, W); the processor's normalisation (mean 0.5, std 0.5) is x / 127.5 - 1."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: int,
+                    heldout: int = 256) -> VisionPretrainResult:
+    """Train the vision tower to tell, for every patch, the colour, kind and character under it."""
+    import json
+    import random
+
+
+    tower = model.model.vision_tower
+    vc = model.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    n = min(len(rows), steps * batch_size // 2 + heldout)  # about two passes over each image
+    order = random.Random(seed).sample(range(len(rows)), n)
+    sub = rows.select(order)
+    pix = _pixels(sub["image"])
+    labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
+    torch.manual_seed(seed)  # the heads' initial weights
+    heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
+                                 (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to zero
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+    gen = torch.Generator().manual_seed(seed)
+    train_idx = torch.arange(heldout, n)
+    tower.train()
+    losses = []
+    t0 = time.time()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
+        b = train_idx[torch.randint(len(train_idx), (batch_size,), generator=gen)]
+        with native_convolution():
+            h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+            loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
+                       for k, head in enumerate(heads))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+        acc = {}
+        for k, (name, head) in enumerate(zip(("colour", "kind", "char"), heads, strict=True)):
+            y = labels[:heldout][..., k]
+            mask = y > 0
+            acc[name] = float((head(h).argmax(-1)[mask] == y[mask]).float().mean()) if mask.any() else float("nan")
+    return VisionPretrainResult(losses=losses, patch_accuracy=acc, seconds=time.time() - t0, images=n)
+
+
+def freeze_vision(model) -> None:
+    """LLaVA keeps the pretrained vision tower frozen; only projector and LM train."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
