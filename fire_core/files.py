@@ -70,7 +70,8 @@ class ShardStore:
         return sorted(self.records(), key=lambda r: r["id"])
 
 
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w") as fh:
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]], append: bool = False) -> None:
+    """One JSON object per line, keys sorted (the same records always give the same bytes)."""
+    with open(path, "a" if append else "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")

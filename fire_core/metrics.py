@@ -24,49 +24,102 @@ from typing import Any
 import numpy as np
 
 
+def per_dialogue(scores: Sequence[Sequence[int | None]] | None = None,
+                 correct: Sequence[Sequence[bool]] | None = None, threshold: int = 8, max_turns: int = 5,
+                 score_min: int = 1) -> dict[str, np.ndarray]:
+    """What each dialogue contributes to the metrics, one array entry per dialogue: from the
+    teacher's scores (``None``, an unparsable score, counts as ``score_min``), from the answer
+    checker's verdicts, or from both (then also their agreement)."""
+    given = scores if scores is not None else correct
+    if given is None:
+        raise ValueError("per_dialogue needs scores, correct verdicts, or both")
+    if len(given) == 0:
+        raise ValueError("no dialogues to score")
+    for k, x in enumerate(given):
+        if len(x) == 0:
+            raise ValueError(f"dialogue {k} has no scores")
+        if len(x) > max_turns:
+            raise ValueError(f"dialogue {k} has {len(x)} turns, more than max_turns={max_turns}")
+    first = lambda xs, ok: next((k for k, x in enumerate(xs, 1) if ok(x)), max_turns + 1)  # noqa: E731
+    p: dict[str, np.ndarray] = {}
+    if scores is not None:
+        s = [[score_min if v is None else v for v in x] for x in scores]
+        p.update({
+            "t_star": np.array([first(x, lambda v: v >= threshold) for x in s], float),
+            "delta": np.array([x[-1] - x[0] for x in s], float),
+            "atr": np.array([(x[-1] - x[0]) / (len(x) - 1) if len(x) > 1 else np.nan for x in s], float),
+            "below": np.array([x[0] < threshold for x in s], float),
+            "refined": np.array([x[0] < threshold <= x[-1] for x in s], float),
+            "unparsable": np.array([sum(v is None for v in x) for x in scores], float),
+        })
+    if correct is not None:
+        c = [[bool(v) for v in x] for x in correct]
+        p.update({
+            "t_truth": np.array([first(x, bool) for x in c], float),
+            "wrong1": np.array([not x[0] for x in c], float),
+            "fixed": np.array([(not x[0]) and any(x[1:]) for x in c], float),
+            "right1": np.array([x[0] for x in c], float),
+            "right_any": np.array([any(x) for x in c], float),
+        })
+    if scores is not None and correct is not None:
+        p["agree"] = np.array([np.mean([(sv >= threshold) == cv for sv, cv in zip(x, y, strict=True)])
+                               for x, y in zip(s, c, strict=True)], float)
+    return p
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+
+
+def metric_table(p: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric the arrays of :func:`per_dialogue` allow, once per row of ``idx`` (a
+    resample of dialogue indices; ``np.arange(n)[None]`` gives the plain metric)."""
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "t_star" in p:
+            atr = p["atr"][idx]
+            n_multi = (~np.isnan(atr)).sum(1)
+            out.update({
+                "AT": p["t_star"][idx].mean(1), "ADR": p["delta"][idx].mean(1),
+                "ATR": _ratio(np.nansum(atr, 1), n_multi),
+                "RR": p["refined"][idx].mean(1),
+                "RR_conditional": _ratio(p["refined"][idx].sum(1), p["below"][idx].sum(1)),
+            })
+        if "t_truth" in p:
+            out.update({
+                "AT_truth": p["t_truth"][idx].mean(1), "RR_truth": p["fixed"][idx].mean(1),
+                "RR_truth_conditional": _ratio(p["fixed"][idx].sum(1), p["wrong1"][idx].sum(1)),
+                "accuracy_turn1": p["right1"][idx].mean(1), "accuracy_final": p["right_any"][idx].mean(1),
+            })
+        if "agree" in p:
+            out["teacher_truth_agreement"] = p["agree"][idx].mean(1)
+    return out
+
+
+def _point(p: dict[str, np.ndarray]) -> dict[str, float]:
+    n = len(next(iter(p.values())))
+    return {k: float(v[0]) for k, v in metric_table(p, np.arange(n)[None, :]).items()}
+
+
 def free_metrics(dialogues: Sequence[Sequence[int | None]], threshold: int = 8, max_turns: int = 5,
                  score_min: int = 1) -> dict[str, float]:
-    """AT, ADR, ATR, RR, RR_conditional and n over dialogues given as score lists (see the
+    """AT, ADR, ATR, RR, RR_conditional and counts over dialogues given as score lists (see the
     module docstring). ``None`` (an unparsable score) counts as ``score_min``."""
-    n = len(dialogues)
-    if n == 0:
-        raise ValueError("no dialogues to score")
-    at = adr = 0.0
-    atr: list[float] = []
-    refined = first_below = unparsable = 0
-    for k, raw in enumerate(dialogues):
-        if len(raw) == 0:
-            raise ValueError(f"dialogue {k} has no scores")
-        if len(raw) > max_turns:
-            raise ValueError(f"dialogue {k} has {len(raw)} turns, more than max_turns={max_turns}")
-        unparsable += sum(s is None for s in raw)
-        s = [score_min if x is None else x for x in raw]
-        hit = next((t for t, x in enumerate(s, 1) if x >= threshold), None)
-        at += hit if hit is not None else max_turns + 1
-        adr += s[-1] - s[0]
-        if len(s) > 1:
-            atr.append((s[-1] - s[0]) / (len(s) - 1))
-        if s[0] < threshold:
-            first_below += 1
-            refined += s[-1] >= threshold
-    return {"AT": at / n, "ADR": adr / n, "ATR": sum(atr) / len(atr) if atr else 0.0, "RR": refined / n,
-            "RR_conditional": refined / first_below if first_below else 0.0, "n": n,
-            "n_first_below": first_below, "n_multi_turn": len(atr), "unparsable": unparsable}
+    p = per_dialogue(scores=dialogues, threshold=threshold, max_turns=max_turns, score_min=score_min)
+    return {**_point(p), "n": len(dialogues), "n_first_below": int(p["below"].sum()),
+            "n_multi_turn": int((~np.isnan(p["atr"])).sum()), "unparsable": int(p["unparsable"].sum())}
 
 
 def truth_metrics(correct: Sequence[Sequence[bool]], max_turns: int = 5) -> dict[str, float]:
     """The same with "satisfied" decided by the ground-truth checker: AT over the first correct
     turn, RR and RR_conditional over dialogues wrong at turn 1, accuracy at turn 1 and at the
     last turn."""
-    n = len(correct)
-    if n == 0:
-        raise ValueError("no dialogues to score")
-    at = sum(next((t for t, c in enumerate(cs, 1) if c), max_turns + 1) for cs in correct) / n
-    wrong_first = [cs for cs in correct if not cs[0]]
-    fixed = sum(1 for cs in wrong_first if any(cs[1:]))
-    return {"AT_truth": at, "RR_truth": fixed / n, "RR_truth_conditional": fixed / len(wrong_first) if wrong_first else 0.0,
-            "accuracy_turn1": sum(bool(cs[0]) for cs in correct) / n,
-            "accuracy_final": sum(any(cs) for cs in correct) / n, "n": n}
+    return {**_point(per_dialogue(correct=correct, max_turns=max_turns)), "n": len(correct)}
+
+
+def _record_arrays(records: Sequence[dict[str, Any]], threshold: int, max_turns: int) -> dict[str, np.ndarray]:
+    return per_dialogue([[t["score"] for t in r["turns"]] for r in records],
+                        [[bool(t["correct"]) for t in r["turns"]] for r in records], threshold, max_turns)
 
 
 def dialogue_metrics(records: Sequence[dict[str, Any]], threshold: int = 8, max_turns: int = 5) -> dict[str, float]:
@@ -110,80 +163,69 @@ def text_metrics(predictions: dict[str, str], references: dict[str, str | list[s
 def paired_difference(a: Sequence[bool], b: Sequence[bool], n_bootstrap: int = 1000, ci: float = 0.95,
                       seed: int = 0) -> dict[str, float]:
     """mean(b) - mean(a) on the same items, with a paired bootstrap confidence interval."""
-    import numpy as np
-
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(x) != len(y) or len(x) == 0:
         raise ValueError("paired_difference needs two equally long, non-empty lists")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(x), size=(n_bootstrap, len(x)))
-    diffs = y[idx].mean(1) - x[idx].mean(1)
-    lo, hi = np.quantile(diffs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    lo, hi = _interval(y[idx].mean(1) - x[idx].mean(1), ci)
     return {"difference": float(y.mean() - x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}
 
 
 HEADLINE = ("AT", "ADR", "ATR", "RR", "RR_conditional")
-
-
 TRUTH = ("AT_truth", "RR_truth", "RR_truth_conditional", "accuracy_turn1", "accuracy_final")
 
 
-def _per_dialogue(records, threshold: int, max_turns: int, score_min: int = 1) -> dict[str, np.ndarray]:
-    s = [[score_min if t["score"] is None else t["score"] for t in r["turns"]] for r in records]
-    c = [[bool(t["correct"]) for t in r["turns"]] for r in records]
-    first = lambda xs, ok: next((k for k, x in enumerate(xs, 1) if ok(x)), max_turns + 1)  # noqa: E731
-    return {
-        "t_star": np.array([first(x, lambda v: v >= threshold) for x in s], float),
-        "delta": np.array([x[-1] - x[0] for x in s], float),
-        "atr": np.array([(x[-1] - x[0]) / (len(x) - 1) if len(x) > 1 else np.nan for x in s], float),
-        "below": np.array([x[0] < threshold for x in s], float),
-        "refined": np.array([x[0] < threshold <= x[-1] for x in s], float),
-        "t_truth": np.array([first(x, bool) for x in c], float),
-        "wrong1": np.array([not x[0] for x in c], float),
-        "fixed": np.array([(not x[0]) and any(x[1:]) for x in c], float),
-        "right1": np.array([x[0] for x in c], float),
-        "right_any": np.array([any(x) for x in c], float),
-        "agree": np.array([np.mean([(sv >= threshold) == cv for sv, cv in zip(x, y, strict=True)])
-                           for x, y in zip(s, c, strict=True)], float),
-    }
-
-
-def _metrics(p: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Metrics for each row of ``idx`` (resamples x dialogues), vectorised."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        atr = p["atr"][idx]
-        n_multi = (~np.isnan(atr)).sum(1)
-        return {
-            "AT": p["t_star"][idx].mean(1), "ADR": p["delta"][idx].mean(1),
-            "ATR": np.where(n_multi > 0, np.nansum(atr, 1) / np.maximum(n_multi, 1), 0.0),
-            "RR": p["refined"][idx].mean(1),
-            "RR_conditional": np.where(p["below"][idx].sum(1) > 0, p["refined"][idx].sum(1) / p["below"][idx].sum(1), 0.0),
-            "AT_truth": p["t_truth"][idx].mean(1), "RR_truth": p["fixed"][idx].mean(1),
-            "RR_truth_conditional": np.where(p["wrong1"][idx].sum(1) > 0, p["fixed"][idx].sum(1) / p["wrong1"][idx].sum(1), 0.0),
-            "accuracy_turn1": p["right1"][idx].mean(1), "accuracy_final": p["right_any"][idx].mean(1),
-            "teacher_truth_agreement": p["agree"][idx].mean(1),
-        }
+def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return float(lo), float(hi)
 
 
 def bootstrap_metrics(records, threshold: int, max_turns: int, n_bootstrap: int, ci: float, seed: int) -> dict[str, float]:
-    """Every free-dialogue metric with its bootstrap interval: ``X``, ``X_lo``, ``X_hi``, and ``n``.
-    The point values equal :func:`fire_core.eval.free_metrics` / ``truth_metrics`` (tested)."""
+    """Every free-dialogue metric with its bootstrap interval: ``X``, ``X_lo``, ``X_hi``, and
+    ``n``. The point value ``X`` is the plain metric on all dialogues (the same function)."""
     if not records:
         raise ValueError("no dialogues to score")
-    p = _per_dialogue(records, threshold, max_turns)
+    p = _record_arrays(records, threshold, max_turns)
     n = len(records)
-    point = {k: float(v[0]) for k, v in _metrics(p, np.arange(n)[None, :]).items()}
-    rng = np.random.default_rng(seed)
-    boots = _metrics(p, rng.integers(0, n, size=(n_bootstrap, n)))
+    boots = metric_table(p, np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n)))
     out: dict[str, float] = {"n": n}
-    for k, v in point.items():
-        lo, hi = np.quantile(boots[k], [(1 - ci) / 2, 1 - (1 - ci) / 2])
-        out.update({k: v, f"{k}_lo": float(lo), f"{k}_hi": float(hi)})
+    for k, v in _point(p).items():
+        lo, hi = _interval(boots[k], ci)
+        out.update({k: v, f"{k}_lo": lo, f"{k}_hi": hi})
+    return out
+
+
+def paired_bootstrap(records_a, records_b, threshold: int, max_turns: int, n_bootstrap: int, ci: float,
+                     seed: int) -> dict[str, float]:
+    """B minus A for every metric, on the same samples: dialogues are matched by sample ``id``
+    (both models must have answered exactly the same samples) and each bootstrap resample draws
+    the same samples for both, so the interval is the one of the paired difference. Returns
+    ``X`` (the plain difference of the plain metrics), ``X_lo``, ``X_hi`` and ``n``."""
+    a = {r["id"]: r for r in records_a}
+    b = {r["id"]: r for r in records_b}
+    if len(a) != len(records_a) or len(b) != len(records_b):
+        raise ValueError("paired_bootstrap needs one dialogue per sample id in each set")
+    if set(a) != set(b):
+        raise ValueError(f"the two models answered different samples: {len(set(a) ^ set(b))} ids differ, "
+                         f"e.g. {sorted(set(a) ^ set(b))[:3]}")
+    if not a:
+        raise ValueError("no dialogues to score")
+    ids = sorted(a)
+    pa = _record_arrays([a[i] for i in ids], threshold, max_turns)
+    pb = _record_arrays([b[i] for i in ids], threshold, max_turns)
+    idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_bootstrap, len(ids)))
+    ta, tb = metric_table(pa, idx), metric_table(pb, idx)
+    point_a, point_b = _point(pa), _point(pb)
+    out: dict[str, float] = {"n": len(ids)}
+    for k in point_a:
+        lo, hi = _interval(tb[k] - ta[k], ci)
+        out.update({k: point_b[k] - point_a[k], f"{k}_lo": lo, f"{k}_hi": hi})
     return out
 
 
 def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[float]]:
     """Share of dialogues satisfied (teacher) and correct (truth) by turn t = 1..max_turns."""
-    p = _per_dialogue(records, threshold, max_turns)
+    p = _record_arrays(records, threshold, max_turns)
     return {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)],
             "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}

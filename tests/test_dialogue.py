@@ -284,3 +284,14 @@ def test_smoke_outputs_of_stage_06(smoke_root):
     row = free[(free.provider == "oracle") & (free.model == "base") & (free.subset == "all")].iloc[0]
     assert row.AT == pytest.approx(recomputed["AT"]) and row.RR == pytest.approx(recomputed["RR"])
     assert (d / "solved_by_turn.png").is_file() and (d / "example_dialogues.png").is_file()
+    # paired differences: every pair, provider and subset; the point is the difference of the rows above
+    paired = pd.read_csv(d / "paired_differences.csv")
+    assert set(zip(paired.model_a, paired.model_b, strict=True)) == {
+        ("base", "fire100k_student"), ("fire100k_student", "fire_student"), ("base", "fire_student")}
+    assert set(paired.provider) == {"teacher", "oracle"} and {"all", "seen", "unseen"} <= set(paired.subset)
+    for _, p in paired.iterrows():
+        a = free[(free.provider == p.provider) & (free.model == p.model_a) & (free.subset == p.subset)].iloc[0]
+        b = free[(free.provider == p.provider) & (free.model == p.model_b) & (free.subset == p.subset)].iloc[0]
+        for k in ("AT", "ADR", "RR"):
+            assert p[k] == pytest.approx(b[k] - a[k], abs=2e-4)  # both rounded to 4 places in the CSVs
+            assert p[f"{k}_lo"] <= p[k] + 1e-4 and p[k] <= p[f"{k}_hi"] + 1e-4

@@ -148,3 +148,59 @@ def test_bootstrap_point_values_equal_the_definitions_and_intervals_contain_them
     curves = metrics.solved_by_turn(recs, 8, 5)
     assert curves["teacher"][-1] == pytest.approx(ref["RR"] + sum(s[0] >= 8 for s in scores) / len(scores))
     assert curves["teacher"] == sorted(curves["teacher"])
+
+
+def _pair(n=80, improve=8, seed=0):
+    """Model A's dialogues, and model B's on the same samples: the same, except that B refines
+    ``improve`` of A's unrefined dialogues (a small, consistent gain)."""
+    rng = __import__("random").Random(seed)
+    a_scores, a_correct = [], []
+    for _ in range(n):
+        s = [rng.randint(1, 7) for _ in range(rng.randint(1, 5))]
+        if rng.random() < 0.4 and len(s) < 5:
+            s.append(rng.randint(8, 10))
+        a_scores.append(s)
+        a_correct.append([x >= 8 for x in s])
+    b_scores = [list(s) for s in a_scores]
+    fixable = [i for i, s in enumerate(b_scores) if s[-1] < 8 and len(s) >= 2][:improve]
+    for i in fixable:
+        b_scores[i][-1] = 9
+    b_correct = [[x >= 8 for x in s] for s in b_scores]
+    return _records(a_scores, a_correct), _records(b_scores, b_correct), len(fixable)
+
+
+def test_paired_bootstrap_point_is_the_plain_difference():
+    a, b, _ = _pair()
+    d = metrics.paired_bootstrap(a, b, 8, 5, n_bootstrap=400, ci=0.95, seed=0)
+    ma = metrics.bootstrap_metrics(a, 8, 5, n_bootstrap=10, ci=0.95, seed=0)
+    mb = metrics.bootstrap_metrics(b, 8, 5, n_bootstrap=10, ci=0.95, seed=0)
+    for k in ("AT", "ADR", "ATR", "RR", "RR_conditional", "AT_truth", "RR_truth", "accuracy_final",
+              "teacher_truth_agreement"):
+        assert d[k] == pytest.approx(mb[k] - ma[k]), k
+        assert d[f"{k}_lo"] <= d[k] + 1e-9 <= d[f"{k}_hi"] + 2e-9, k
+    assert d["n"] == 80
+    same = metrics.paired_bootstrap(a, a, 8, 5, n_bootstrap=100, ci=0.95, seed=0)
+    assert all(same[k] == 0 and same[f"{k}_lo"] == 0 and same[f"{k}_hi"] == 0 for k in ("AT", "RR", "ADR"))
+
+
+def test_paired_bootstrap_sees_a_small_consistent_gain_that_overlapping_intervals_miss():
+    """B refines 8 more of 80 dialogues than A and is never worse. Per-model intervals overlap
+    (the wrong test would call it noise); the paired interval of B - A excludes 0."""
+    a, b, fixed = _pair(n=80, improve=8)
+    assert fixed == 8
+    ma = metrics.bootstrap_metrics(a, 8, 5, n_bootstrap=1000, ci=0.95, seed=0)
+    mb = metrics.bootstrap_metrics(b, 8, 5, n_bootstrap=1000, ci=0.95, seed=0)
+    assert ma["RR_hi"] > mb["RR_lo"]  # the per-model intervals overlap
+    d = metrics.paired_bootstrap(a, b, 8, 5, n_bootstrap=1000, ci=0.95, seed=0)
+    assert d["RR"] == pytest.approx(8 / 80)
+    assert d["RR_lo"] > 0 and d["ADR_lo"] > 0 and d["AT_hi"] < 0
+
+
+def test_paired_bootstrap_matches_by_sample_and_refuses_other_samples():
+    a, b, _ = _pair()
+    shuffled = list(reversed(b))
+    assert metrics.paired_bootstrap(a, shuffled, 8, 5, 200, 0.95, 0) == metrics.paired_bootstrap(a, b, 8, 5, 200, 0.95, 0)
+    with pytest.raises(ValueError, match="different samples"):
+        metrics.paired_bootstrap(a, b[1:], 8, 5, 200, 0.95, 0)
+    with pytest.raises(ValueError, match="one dialogue per sample id"):
+        metrics.paired_bootstrap(a + a[:1], b + b[:1], 8, 5, 200, 0.95, 0)

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from fire_core import eval as evaluate
-from fire_core import language, models, plots, prompts, provenance, world
+from fire_core import files, language, models, prompts, provenance, world
 from fire_core.config import FireConfig
 from fire_core.records import select_per_family
 from fire_core.sft import FitResult, SFTDataset, base_examples, fit
+from fire_core.stages import common as stage_common
 from fire_core.vision import freeze_vision, pretrain_vision
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,8 @@ def tokenizer_corpus(ds) -> list[str]:
 def run(cfg: FireConfig) -> BaseResult:
     """Stage 01: tokenizer, processor and base VLM from the world's train split; accuracy per
     family on val, test and the unseen families; a loss curve."""
-    import json
     import random
 
-    import matplotlib.pyplot as plt
-    import pandas as pd
 
 
     world_dir = provenance.require_stage(cfg, "00_build_world")
@@ -102,19 +100,12 @@ def run(cfg: FireConfig) -> BaseResult:
                                         batch_size=cfg.dialogue.batch_size)
         acc = evaluate.accuracy_table(preds)
         acc.to_csv(run.dir / "accuracy.csv", index=False, float_format="%.4f")
-        with open(run.dir / "predictions.jsonl", "w") as fh:
-            for p in preds:
-                fh.write(json.dumps(p) + "\n")
+        files.write_jsonl(run.dir / "predictions.jsonl", preds)
         params = models.param_count(model)
         overall = acc[acc.family == "all"].set_index("split")["accuracy"].to_dict()
         run.extra.update({"params": params, "accuracy": overall})
         if result is not None:
-            pd.DataFrame(result.losses, columns=["step", "loss"]).to_csv(run.dir / "loss.csv", index=False)
-            fig, ax = plt.subplots(figsize=(5, 3))
-            steps, losses = zip(*result.losses, strict=True)
-            ax.plot(steps, losses)
-            ax.set(xlabel="step", ylabel="training loss", title="Base VLM")
-            plots.save(fig, run.dir / "loss_curve", sources=[run.dir / "loss.csv"], cfg=cfg)
+            stage_common.loss_plot(result, run, cfg, "Base VLM")
             run.extra.update({
                 "train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(dataset),
                 "tokens_per_epoch": result.tokens,

@@ -128,9 +128,7 @@ def first_turn_report(cfg, model, processor, run, base_dir: Path, ds, name: str)
         base, base_proc = load_base(cfg, base_dir)
         base_preds = {p["id"]: p for p in evaluate.qa_predictions(base, base_proc, rows, cfg.train.max_new_tokens,
                                                                    cfg.dialogue.batch_size, desc="base first turns")}
-    with open(run.dir / "first_turn_predictions.jsonl", "w") as fh:
-        for p in preds:
-            fh.write(json.dumps(p) + "\n")
+    files.write_jsonl(run.dir / "first_turn_predictions.jsonl", preds)
     df = pd.DataFrame([{"family": p["family"], "base": base_preds[p["id"]]["correct"], name: p["correct"]}
                        for p in preds])
     table = df.groupby("family").agg(n=("base", "size"), base=("base", "mean"), **{name: (name, "mean")}).reset_index()

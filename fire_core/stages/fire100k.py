@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fire_core import feedback, models, plots, prompts, provenance, world
+from fire_core import feedback, files, models, plots, prompts, provenance, world
 from fire_core.annotate import (
     PROMPT_VERSION,
     GenStats,
@@ -68,9 +67,7 @@ def save_failures(out: Path, stats: GenStats, rejects: list[dict[str, Any]]) -> 
     """Raw text of every failed reply (appended to rejects.jsonl, so a rerun keeps the earlier
     ones) and the counts of this run (gen_stats.json)."""
 
-    with open(out / "rejects.jsonl", "a") as fh:
-        for rej in rejects:
-            fh.write(json.dumps(rej) + "\n")
+    files.write_jsonl(out / "rejects.jsonl", rejects, append=True)
     provenance.write_json_atomic(out / "gen_stats.json", stats.as_dict())
 
 

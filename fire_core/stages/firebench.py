@@ -24,7 +24,6 @@ oracle on those test samples, from the base VLM's first answers (never on traini
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Any
 from fire_core import dialogue, files, metrics, models, plots, provenance, records, world
 from fire_core import eval as evaluate
 from fire_core.config import FireConfig
-from fire_core.metrics import HEADLINE, bootstrap_metrics, solved_by_turn
+from fire_core.metrics import HEADLINE, bootstrap_metrics, paired_bootstrap, solved_by_turn
 from fire_core.stages import common as stage_common
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,7 @@ class BenchResult:
     fixed_student: Any
     fixed_teacher: Any
     curves: dict[str, Any]
+    paired: Any  # DataFrame: B minus A with paired-bootstrap intervals
     seconds: float
 
 
@@ -78,9 +78,7 @@ def run(cfg: FireConfig) -> BenchResult:
         teacher = models.load(dirs["03_train_teacher"] / "model")
         # gold dialogues (fixed setting): the oracle on the test samples
         gold = stage_common.gold_dialogues(rows, *base, cfg)
-        with open(run.dir / "gold_dialogues.jsonl", "w") as fh:
-            for g in gold:
-                fh.write(json.dumps(g, sort_keys=True) + "\n")
+        files.write_jsonl(run.dir / "gold_dialogues.jsonl", gold)
         # fixed dialogue: students
         fixed_rows, fixed_preds = [], []
         for name, (m, p) in students.items():
@@ -103,9 +101,7 @@ def run(cfg: FireConfig) -> BenchResult:
                 t_rows.append({"subset": subset, **evaluate.teacher_summary(sel, d.threshold)})
         fixed_teacher = pd.DataFrame(t_rows)
         fixed_teacher.to_csv(run.dir / "fixed_teacher.csv", index=False, float_format="%.4f")
-        with open(run.dir / "fixed_predictions.jsonl", "w") as fh:
-            for x in fixed_preds + [{**t, "model": "teacher"} for t in t_turns]:
-                fh.write(json.dumps(x) + "\n")
+        files.write_jsonl(run.dir / "fixed_predictions.jsonl", fixed_preds + [{**t, "model": "teacher"} for t in t_turns])
         # free dialogue: every student with every feedback provider
         providers = {"teacher": dialogue.hf_role("teacher", *teacher, d.teacher_max_new_tokens, d.cache_prefix),
                      "oracle": dialogue.oracle_role()}
@@ -122,9 +118,7 @@ def run(cfg: FireConfig) -> BenchResult:
                 res = dialogue.run(records.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
                                    source=f"{name}x{prov}", total=len(rows))
                 free_records += [{**r, "provider": prov, "model": name} for r in res.records]
-        with open(run.dir / "free_dialogues.jsonl", "w") as fh:
-            for r in free_records:
-                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        files.write_jsonl(run.dir / "free_dialogues.jsonl", free_records)
         # tables with confidence intervals
         table, fam_rows, curves = [], [], {}
         for prov in providers:
@@ -150,7 +144,9 @@ def run(cfg: FireConfig) -> BenchResult:
                     row["AT_rel"] = row["AT"] / base_at[row["subset"]]  # the poster's: base = 1.00
         free = pd.DataFrame(table)
         per_family = pd.DataFrame(fam_rows)
+        paired = paired_differences(free_records, list(providers), seen_fams, cfg)
         free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")
+        paired.to_csv(run.dir / "paired_differences.csv", index=False, float_format="%.4f")
         per_family.to_csv(run.dir / "free_dialogue_per_family.csv", index=False, float_format="%.4f")
         provenance.write_json_atomic(run.dir / "solved_by_turn.json", curves)
         # figures: per-turn curves, and example dialogues
@@ -170,11 +166,38 @@ def run(cfg: FireConfig) -> BenchResult:
         _example_figure(examples, images, run.dir / "example_dialogues", cfg)
         summary = {"test_dialogues": len(rows), "gold_dialogues": len(gold),
                    "headline": free[free.subset == "all"][["provider", "model", *HEADLINE, "AT_rel"]].to_dict("records"),
+                   "paired_all": paired[paired.subset == "all"][
+                       ["provider", "model_a", "model_b", *[f"{k}{e}" for k in HEADLINE for e in ("", "_lo", "_hi")]]
+                   ].to_dict("records"),
                    "examples": [e["id"] for e in examples]}
         provenance.write_json_atomic(run.dir / "fire_bench.json", summary)
         run.extra.update({**summary, "seconds": round(time.time() - t0, 1)})
     return BenchResult(dir=run.dir, free=free, per_family=per_family, fixed_student=fixed_student,
-                       fixed_teacher=fixed_teacher, curves=curves, seconds=time.time() - t0)
+                       fixed_teacher=fixed_teacher, curves=curves, paired=paired, seconds=time.time() - t0)
+
+
+# (model A, model B) pairs compared on the same samples: the paper's orderings
+PAIRS = (("base", "fire100k_student"), ("fire100k_student", "fire_student"), ("base", "fire_student"))
+
+
+def paired_differences(free_records, providers: list[str], seen_fams: set[str], cfg: FireConfig):
+    """B minus A on every free-dialogue metric, per provider and subset, with the paired
+    bootstrap interval (both models answered the same samples): the test of "B is better"."""
+    import pandas as pd
+
+    b, d = cfg.bench, cfg.dialogue
+    rows = []
+    for prov in providers:
+        for model_a, model_b in PAIRS:
+            recs = {m: [r for r in free_records if r["provider"] == prov and r["model"] == m] for m in (model_a, model_b)}
+            for subset, keep in (("all", lambda r: True), ("seen", lambda r: r["task"] in seen_fams),
+                                 ("unseen", lambda r: r["task"] not in seen_fams)):
+                sel_a = [r for r in recs[model_a] if keep(r)]
+                sel_b = [r for r in recs[model_b] if keep(r)]
+                if sel_a and sel_b:
+                    rows.append({"provider": prov, "model_a": model_a, "model_b": model_b, "subset": subset,
+                                 **paired_bootstrap(sel_a, sel_b, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)})
+    return pd.DataFrame(rows)
 
 
 def pick_examples(records, k: int, providers=("teacher", "oracle")) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +61,7 @@ def run(cfg: FireConfig) -> StudentResult:
             dialogs += res.records
         refinement = pd.DataFrame(refined)
         refinement.to_csv(run.dir / "refinement_first_look.csv", index=False, float_format="%.4f")
-        with open(run.dir / "refinement_dialogues.jsonl", "w") as fh:
-            for r in dialogs:
-                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        files.write_jsonl(run.dir / "refinement_dialogues.jsonl", dialogs)
         run.extra.update({"train_dialogues": len(train_recs), "first_turn_accuracy": table.iloc[0].to_dict(),
                           "first_turn_difference": diff, "refinement_first_look_seconds": look_seconds,
                           "refinement_first_look": refinement.set_index("model")[["AT", "ADR", "ATR", "RR"]].to_dict("index")})

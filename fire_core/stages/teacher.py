@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fire_core import annotate, language, provenance, records, world
+from fire_core import annotate, files, language, provenance, records, world
 from fire_core import eval as evaluate
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, is_heldout, select_per_family
@@ -134,12 +133,8 @@ def run(cfg: FireConfig) -> TeacherResult:
             wrong_below=("wrong_score", lambda x: float((x < cfg.dialogue.threshold).mean())),
             both_ok=("ok", "mean")).reset_index()
         probe_table.to_csv(run.dir / "teacher_probe.csv", index=False, float_format="%.4f")
-        with open(run.dir / "teacher_turns.jsonl", "w") as fh:
-            for t in turns:
-                fh.write(json.dumps(t) + "\n")
-        with open(run.dir / "gold_unseen.jsonl", "w") as fh:
-            for r in unseen:
-                fh.write(json.dumps(r, sort_keys=True) + "\n")
+        files.write_jsonl(run.dir / "teacher_turns.jsonl", turns)
+        files.write_jsonl(run.dir / "gold_unseen.jsonl", unseen)
         head = summary.set_index("group")
         run.extra.update({"train_dialogues": len(train_recs), "heldout_dialogues": len(held),
                           "unseen_gold_dialogues": len(unseen),
