@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 from collections import Counter
@@ -23,15 +22,25 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fire_core import checker, feedback
-from fire_core.client import AnnotatorError, RateLimiter, image_data_url
+from fire_core import checker, client, feedback
+from fire_core.client import (
+    AnnotatorError,
+    Endpoint,
+    Outcome,
+    Tally,
+    Unusable,
+    chat_many,
+    image_data_url,
+)
 from fire_core.files import request_id
 from fire_core.prompts import TASK_CLOSE, TASK_OPEN
+from fire_core.records import dialogue_record
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "fire100k-v2"  # part of every request id: change it when the prompt changes
 TURN_KEYS = ("response", "score", "feedback", "critique", "refinement", "rating")
-FAILURE_CLASSES = ("transient", "bad_request", "unparsable", "truncated", "leaked_answer")
+# the client layer's classes of failed requests, and a written record whose feedback states the answer
+FAILURE_CLASSES = (*client.FAILURE_CLASSES, "leaked_answer")
 ANNOTATOR_SYSTEM = (
     "You write feedback-refinement dialogues about an image. You play two roles. The student answers "
     "the question; its first response is given. The teacher sees the ground truth and the dense "
@@ -95,7 +104,8 @@ def judgement_dialogues(samples: Sequence[dict[str, Any]], per_sample: int, max_
             turns = []
             for t, resp in enumerate(responses):
                 turns.append({"response": resp, **feedback.judge(s, resp, history=responses[:t], rng=rng).as_dict()})
-            rec = dialogue_record(s, turns, request_id(seed, s["id"], "judgement", j), source="world/oracle-judgement")
+            rec = dialogue_record(s, turns, request_id(seed, s["id"], "judgement", j), "world/oracle-judgement",
+                                  prompt_version=PROMPT_VERSION)
             rec["trained_turns"] = [k - 1]
             out.append(rec)
     return out
@@ -123,9 +133,7 @@ def filter_reason(record: dict[str, Any], threshold: int) -> str | None:
     bad = validate(record)
     if bad:
         return "malformed"
-    fam, answer = record["task"], record["answer"]
-    q = record.get("question", "")
-    if any(feedback.leaks_answer(t["feedback"], answer, fam, q) for t in record["turns"] if not t.get("correct")):
+    if feedback.dialogue_leaks_answer(record):
         return "leaked_answer"
     scores = [t["score"] for t in record["turns"]]
     if len(scores) < 2 or max(scores[1:]) <= scores[0]:
@@ -199,88 +207,40 @@ def world_is_correct(sample: dict[str, Any], response: str) -> bool:
 
 
 
-async def _one_request(client, acfg, dcfg, sample, first, image, seed, stats: GenStats, rejects: list,
-                       limiter: RateLimiter, sem) -> list[dict[str, Any]] | None:
-    """One dialogue with our retry layer; returns turns, or None after classifying the failure."""
-    import asyncio
-
-    import openai
-
-    messages = annotator_messages(sample, first, image, dcfg.threshold, dcfg.max_turns, seed, acfg.fix_prob)
-    backoff = 0.5
-    for attempt in range(acfg.max_retries + 1):
-        await limiter.wait()
-        wait = backoff * (2 ** attempt)
-        try:
-            async with sem:
-                resp = await client.chat.completions.create(
-                    model=acfg.model, messages=messages, temperature=acfg.temperature, max_tokens=2048,
-                    response_format={"type": "json_object"})
-        except openai.RateLimitError as exc:
-            stats.failures["transient"] += 1
-            ra = exc.response.headers.get("retry-after") if exc.response is not None else None
-            wait = float(ra) if ra else wait
-        except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError):
-            stats.failures["transient"] += 1
-        except openai.APIStatusError as exc:
-            if exc.status_code >= 500:
-                stats.failures["transient"] += 1
-            else:
-                stats.failures["bad_request"] += 1
-                rejects.append({"id": sample["id"], "class": "bad_request", "raw": str(exc)[:2000]})
-                return None
-        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as exc:
-            stats.failures["transient"] += 1  # a malformed HTTP body: the server's fault, try again
-            rejects.append({"id": sample["id"], "class": "malformed_body", "raw": str(exc)[:2000]})
-        else:
-            choice = resp.choices[0]
-            text = choice.message.content or ""
-            if choice.finish_reason == "length":
-                stats.failures["truncated"] += 1
-                rejects.append({"id": sample["id"], "class": "truncated", "raw": text})
-            else:
-                try:
-                    return parse_dialogue(text, sample, first, dcfg.score_min, dcfg.score_max)
-                except (ValueError, json.JSONDecodeError) as exc:
-                    stats.failures["unparsable"] += 1
-                    rejects.append({"id": sample["id"], "class": "unparsable", "error": str(exc), "raw": text})
-        if attempt < acfg.max_retries:
-            await asyncio.sleep(min(wait, 30.0))
-    return None
+def annotator_endpoint(acfg) -> Endpoint:
+    return Endpoint(acfg.base_url, acfg.model, acfg.api_key_env, acfg.timeout_s, acfg.max_retries, acfg.concurrency,
+                    acfg.requests_per_minute)
 
 
 async def openai_dialogues(jobs: list[tuple[str, dict[str, Any], str, Any]], acfg, dcfg, seed: int,
                            stats: GenStats, on_done) -> list[dict[str, Any]]:
-    """Run jobs (request id, sample, first response, image) concurrently; ``on_done(rid, turns)``
-    is called as each finishes (turns None on failure). Returns the reject log."""
-    import asyncio
+    """Run jobs (request id, sample, first response, image) through the client layer;
+    ``on_done(rid, turns)`` is called as each finishes (turns None when the request failed after
+    its retries). Returns the reject log: every failed attempt, with the text it left."""
+    endpoint = annotator_endpoint(acfg)
+    endpoint.api_key("annotator.backend=openai")  # no key: fail before any work
+    create_kw = {"temperature": acfg.temperature, "max_tokens": 2048, "response_format": {"type": "json_object"}}
+    tally = Tally(failed=stats.failures, retried=stats.retried, attempts=[])  # counted straight into the stats
 
-    import openai
+    def check(k: int, text: str) -> list[dict[str, Any]]:
+        _, sample, first, _ = jobs[k]
+        try:
+            return parse_dialogue(text, sample, first, dcfg.score_min, dcfg.score_max)
+        except ValueError as exc:  # json.JSONDecodeError included
+            raise Unusable("unparsable", text, str(exc)) from exc
 
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise AnnotatorError("annotator.backend=openai needs the OPENAI_API_KEY environment variable "
-                             "(never put keys in configs or notebook parameters)")
-    client = openai.AsyncOpenAI(base_url=acfg.base_url, api_key=key, timeout=acfg.timeout_s,
-                                max_retries=0)  # our retry layer honours Retry-After and backs off longer
-    sem = asyncio.Semaphore(acfg.concurrency)
-    limiter = RateLimiter(acfg.requests_per_minute)
-    rejects: list[dict[str, Any]] = []
+    def done(k: int, out: Outcome) -> None:
+        on_done(jobs[k][0], out.value if out.failure is None else None)
 
-    async def run(job):
-        rid, sample, first, image = job
-        turns = await _one_request(client, acfg, dcfg, sample, first, image, seed, stats, rejects, limiter, sem)
-        on_done(rid, turns)
-
-    try:
-        await asyncio.gather(*(run(j) for j in jobs))
-    finally:
-        await client.close()
-    return rejects
+    messages = [annotator_messages(sample, first, image, dcfg.threshold, dcfg.max_turns, seed, acfg.fix_prob)
+                for _, sample, first, image in jobs]
+    await chat_many(endpoint, messages, create_kw, tally, check, who="annotator.backend=openai", on_done=done)
+    return [{"id": jobs[a.pop("index")][1]["id"], **a} for a in tally.attempts]
 
 
 def check_failure_rates(stats: GenStats, max_rate: float) -> None:
-    """Stop with a clear message when one failure class is too common."""
+    """Stop with a clear message when one class of failed requests (after their retries) is
+    too common."""
     if stats.requested == 0:
         return
     for cls in FAILURE_CLASSES:
@@ -333,7 +293,8 @@ class GenStats:
     requested: int = 0
     written: int = 0
     skipped_done: int = 0
-    failures: Counter = field(default_factory=Counter)  # class -> count
+    failures: Counter = field(default_factory=Counter)  # failed requests (after retries), by class
+    retried: Counter = field(default_factory=Counter)  # failed attempts that were retried, by class
     bad_images: list[str] = field(default_factory=list)
     torn_bytes_dropped: int = 0
 
@@ -341,7 +302,8 @@ class GenStats:
         """The dataset's generation counts. What depends on this particular run (resumed work,
         torn bytes, time) is in ``run_dict`` and goes to the manifest, so that a resumed run
         writes the same file as an uninterrupted one."""
-        return {"requested": self.requested, "failures": dict(self.failures), "bad_images": self.bad_images}
+        return {"requested": self.requested, "failures": dict(self.failures), "retried": dict(self.retried),
+                "bad_images": self.bad_images}
 
     def run_dict(self) -> dict[str, Any]:
         return {"written_now": self.written, "skipped_done": self.skipped_done,
@@ -350,9 +312,3 @@ class GenStats:
 
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-def dialogue_record(row: dict[str, Any], turns: list[dict[str, Any]], rid: str, source: str) -> dict[str, Any]:
-    return {"id": row["id"], "request_id": rid, "image": f"world/train/{row['id']}", "question": row["question"],
-            "answer": row["answer"], "task": row["family"], "split": row["split"], "source": source,
-            "turns": turns, "meta": {"prompt_version": PROMPT_VERSION}}

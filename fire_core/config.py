@@ -71,6 +71,11 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config value '{key}' {msg}")
 
 
+def _check_key_env(name: str, key: str) -> None:
+    _check(re.fullmatch(r"[A-Z_][A-Z0-9_]*", name or "") is not None, key,
+           f"must name an environment variable (A-Z, 0-9, _), got '{name}'; the key itself never goes in a config")
+
+
 @dataclass
 class PathsConfig:
     results: str = "results"  # stage outputs go to <results>/<run>/<stage>/
@@ -220,10 +225,11 @@ class TrainConfig:
 @dataclass
 class AnnotatorConfig:
     # Who writes FIRE-100K's dialogues and the DRESS feedback: `oracle` reads the scene record
-    # in-process; `openai` calls any OpenAI-compatible endpoint (key from OPENAI_API_KEY only).
+    # in-process; `openai` calls any OpenAI-compatible endpoint (its key from the environment only).
     backend: str = "oracle"
     model: str = "oracle"
     base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding base_url's key
     concurrency: int = 8
     requests_per_minute: int = 600
     timeout_s: float = 60.0
@@ -247,6 +253,7 @@ class AnnotatorConfig:
         _check(0 <= self.fix_prob <= 1, "annotator.fix_prob", f"must be in [0, 1], got {self.fix_prob}")
         _check(self.n_shards >= 1, "annotator.n_shards", f"must be >= 1, got {self.n_shards}")
         _check(0 < self.max_failure_rate <= 1, "annotator.max_failure_rate", f"must be in (0, 1], got {self.max_failure_rate}")
+        _check_key_env(self.api_key_env, "annotator.api_key_env")
         if self.base_url is not None:
             _check(re.match(r"^https?://", self.base_url) is not None, "annotator.base_url",
                    f"must start with http:// or https://, got '{self.base_url}'")
@@ -268,6 +275,10 @@ class DialogueConfig:
     student_model: str | None = None  # model name at that endpoint
     teacher_endpoint: str | None = None
     teacher_model: str | None = None
+    # Each endpoint's key comes from its own environment variable: a key is only ever sent to
+    # the endpoint it was made for (never OPENAI_API_KEY to a local vLLM server by accident).
+    student_api_key_env: str = "FIRE_STUDENT_API_KEY"
+    teacher_api_key_env: str = "FIRE_TEACHER_API_KEY"
     concurrency: int = 8  # requests in flight per role (openai)
     timeout_s: float = 60.0
     max_retries: int = 4
@@ -295,6 +306,7 @@ class DialogueConfig:
         _check(self.teacher in ("hf", "openai", "oracle"), "dialogue.teacher",
                f"must be 'hf', 'openai' or 'oracle', got '{self.teacher}'")
         for role in ("student", "teacher"):
+            _check_key_env(getattr(self, f"{role}_api_key_env"), f"dialogue.{role}_api_key_env")
             url = getattr(self, f"{role}_endpoint")
             if getattr(self, role) == "openai":
                 _check(url is not None, f"dialogue.{role}_endpoint", f"is needed when dialogue.{role}=openai")
@@ -322,8 +334,10 @@ class BenchConfig:
     per_family: int = 40  # FIRE-Bench test samples per family (seen test split and unseen families)
     extra_student_endpoint: str | None = None  # an OpenAI-compatible endpoint as one more student
     extra_student_model: str | None = None
+    extra_student_api_key_env: str = "FIRE_EXTRA_STUDENT_API_KEY"
 
     def __post_init__(self) -> None:
+        _check_key_env(self.extra_student_api_key_env, "bench.extra_student_api_key_env")
         _check(self.per_family >= 1, "bench.per_family", f"must be >= 1, got {self.per_family}")
         _check((self.extra_student_endpoint is None) == (self.extra_student_model is None), "bench.extra_student_model",
                "bench.extra_student_endpoint and bench.extra_student_model go together")

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fire_core import checker, feedback, models, prompts
-from fire_core.client import image_data_url, run_async
+from fire_core.client import Endpoint, Tally, chat_many, image_data_url, run_async
 from fire_core.files import request_id
+from fire_core.records import dialogue_record
 
 log = logging.getLogger(__name__)
 STOP_REASONS = ("satisfied", "max_turns", "unparsable")
@@ -46,6 +47,7 @@ class Role:
     model: Any = None
     processor: Any = None
     base_url: str | None = None
+    key_env: str | None = None  # the environment variable with this endpoint's key
     concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 4
@@ -69,9 +71,9 @@ def oracle_role() -> Role:
     return Role("oracle", "oracle")
 
 
-def openai_role(name: str, base_url: str, concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 4,
-                max_new_tokens: int = 64) -> Role:
-    return Role("openai", name, base_url=base_url, concurrency=concurrency, timeout_s=timeout_s,
+def openai_role(name: str, base_url: str, key_env: str, concurrency: int = 8, timeout_s: float = 60.0,
+                max_retries: int = 4, max_new_tokens: int = 64) -> Role:
+    return Role("openai", name, base_url=base_url, key_env=key_env, concurrency=concurrency, timeout_s=timeout_s,
                 max_retries=max_retries, max_new_tokens=max_new_tokens)
 
 
@@ -84,8 +86,9 @@ def roles_from_config(dcfg, student_model=None, student_processor=None, teacher_
         if kind == "oracle":
             return oracle_role()
         if kind == "openai":
-            return openai_role(getattr(dcfg, f"{role}_model"), getattr(dcfg, f"{role}_endpoint"), dcfg.concurrency,
-                               dcfg.timeout_s, dcfg.max_retries, max_new)
+            return openai_role(getattr(dcfg, f"{role}_model"), getattr(dcfg, f"{role}_endpoint"),
+                               getattr(dcfg, f"{role}_api_key_env"), dcfg.concurrency, dcfg.timeout_s,
+                               dcfg.max_retries, max_new)
         return hf_role(name, model, processor, max_new, dcfg.cache_prefix)
 
     return (make("student", student_name, student_model, student_processor),
@@ -109,56 +112,12 @@ def _openai_messages(conv: list[dict[str, Any]], data_url: str) -> list[dict[str
     return out
 
 
-async def _openai_batch(role: Role, messages: list[list[dict[str, Any]]], failures: Counter) -> list[str | None]:
-    """Concurrent chat completions with retries (429 honours Retry-After; 5xx, timeouts and
-    malformed bodies back off and retry); None for a request that still failed."""
-    import asyncio
-    import os
-
-    import openai
-
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise RuntimeError(f"the '{role.name}' role uses an OpenAI-compatible endpoint and needs the "
-                           "OPENAI_API_KEY environment variable (never put keys in configs or notebooks)")
-    client = openai.AsyncOpenAI(base_url=role.base_url, api_key=key, timeout=role.timeout_s, max_retries=0)
-    sem = asyncio.Semaphore(role.concurrency)
-
-    async def one(msgs) -> str | None:
-        for attempt in range(role.max_retries + 1):
-            wait = 0.5 * 2 ** attempt
-            try:
-                async with sem:
-                    resp = await client.chat.completions.create(model=role.name, messages=msgs, temperature=0.0,
-                                                                max_tokens=role.max_new_tokens)
-                return resp.choices[0].message.content or ""
-            except openai.RateLimitError as exc:
-                failures["rate_limited"] += 1
-                ra = exc.response.headers.get("retry-after") if exc.response is not None else None
-                wait = float(ra) if ra else wait
-            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError):
-                failures["transient"] += 1
-            except openai.APIStatusError as exc:
-                if exc.status_code < 500:
-                    failures["bad_request"] += 1
-                    log.warning("%s: request rejected: %s", role.name, exc)
-                    return None
-                failures["transient"] += 1
-            except (openai.APIResponseValidationError, ValueError):
-                failures["malformed_body"] += 1
-            if attempt < role.max_retries:
-                await asyncio.sleep(min(wait, 30.0))
-        failures["gave_up"] += 1
-        return None
-
-    try:
-        return list(await asyncio.gather(*(one(m) for m in messages)))
-    finally:
-        await client.close()
+def _endpoint(role: Role) -> Endpoint:
+    return Endpoint(role.base_url, role.name, role.key_env, role.timeout_s, role.max_retries, role.concurrency)
 
 
 def _generate(role: Role, keys: list[Any], convs: list[list[dict[str, Any]]], states: list[_State],
-              failures: Counter) -> list[str | None]:
+              tally: Tally) -> list[str | None]:
     if role.kind == "hf":
         if role.cache_prefix:
             if role.generator is None:
@@ -168,8 +127,10 @@ def _generate(role: Role, keys: list[Any], convs: list[list[dict[str, Any]]], st
                                max_new_tokens=role.max_new_tokens, batch_size=len(convs))
     if role.kind == "openai":
 
-        return run_async(_openai_batch(role, [_openai_messages(c, s.data_url()) for c, s in zip(convs, states, strict=True)],
-                                       failures))
+        messages = [_openai_messages(c, s.data_url()) for c, s in zip(convs, states, strict=True)]
+        outcomes = run_async(chat_many(_endpoint(role), messages, {"temperature": 0.0, "max_tokens": role.max_new_tokens},
+                                       tally, who=f"the '{role.name}' role"))
+        return [o.value if o.failure is None else None for o in outcomes]
     raise ValueError(f"role kind '{role.kind}' cannot generate")
 
 
@@ -213,8 +174,9 @@ class EngineResult:
     steps: int
     student_tokens: int
     teacher_tokens: int
-    failures: Counter
+    failures: Counter  # requests that failed after their retries (by class), dialogues abandoned
     stops: Counter
+    retried: Counter = field(default_factory=Counter)  # failed attempts that were tried again
 
     @property
     def dialogues_per_s(self) -> float:
@@ -232,14 +194,6 @@ def oracle_judge(sample: dict[str, Any], response: str, earlier: list[str], seed
     j = feedback.judge(sample, response, history=earlier, rng=rng)
     return {"score": j.score, "feedback": j.feedback, "parsable": True, "raw": prompts.teacher_reply(
         prompts.Turn(response, j.score, j.feedback))}
-
-
-def make_record(state: _State, stop: str, student: Role, teacher: Role, source: str) -> dict[str, Any]:
-    s = state.sample
-    return {"id": s["id"], "request_id": s["request_id"], "image": f"world/{s.get('split', 'train')}/{s['id']}",
-            "question": s["question"], "answer": s["answer"], "task": s["family"], "split": s.get("split", "train"),
-            "source": source, "turns": state.turns, "stop": stop,
-            "meta": {"student": student.name, "teacher": teacher.name}}
 
 
 def _chunks(samples: Iterable[dict[str, Any]], size: int | None) -> Iterator[Iterable[dict[str, Any]]]:
@@ -279,7 +233,8 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
     active: list[_State] = []
     records: list[dict[str, Any]] = []
     timing = {"student": 0.0, "teacher": 0.0, "other": 0.0}
-    failures: Counter = Counter()
+    tally = Tally()
+    failures = tally.failed  # failed requests (after retries), and dialogues abandoned for them
     stops: Counter = Counter()
     tokens = {"student": 0, "teacher": 0}
     steps = 0
@@ -306,7 +261,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                 # the student answers for every active dialogue
                 t0 = time.perf_counter()
                 convs = [prompts.student_prompt(s.sample["question"], s.history()) for s in active]
-                responses = _generate(student, keys, convs, active, failures)
+                responses = _generate(student, keys, convs, active, tally)
                 t1 = time.perf_counter()
                 timing["student"] += t1 - t0
                 # the teacher judges all of them
@@ -319,7 +274,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                 else:
                     tconvs = [prompts.teacher_prompt(active[i].sample["question"], active[i].sample["answer"],
                                                      active[i].history(), responses[i]) for i in ok]
-                    texts = _generate(teacher, [keys[i] for i in ok], tconvs, [active[i] for i in ok], failures)
+                    texts = _generate(teacher, [keys[i] for i in ok], tconvs, [active[i] for i in ok], tally)
                     for i, text in zip(ok, texts, strict=True):
                         if text is not None:
                             p = prompts.parse_teacher(text, dcfg.score_min, dcfg.score_max)
@@ -345,7 +300,8 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     if stop is None:
                         still.append(s)
                         continue
-                    rec = make_record(s, stop, student, teacher, source)
+                    rec = dialogue_record(s.sample, s.turns, s.sample["request_id"], source, stop=stop,
+                                          student=student.name, teacher=teacher.name)
                     if store is not None and rec["request_id"] not in done:
                         store.append(rec)
                     if on_record is not None:
@@ -365,7 +321,8 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
     timing["total"] = time.perf_counter() - t_start
     timing["other"] = timing["total"] - timing["student"] - timing["teacher"]
     return EngineResult(records=records, timing=timing, steps=steps, student_tokens=tokens["student"],
-                        teacher_tokens=tokens["teacher"], failures=failures, stops=stops)
+                        teacher_tokens=tokens["teacher"], failures=failures, stops=stops,
+                        retried=tally.retried)
 
 
 def sequential(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, seed: int) -> EngineResult:
@@ -391,9 +348,7 @@ def filter_reason(record: dict[str, Any], family: str | None = None) -> str | No
     turns = record["turns"]
     if any(not t.get("parsable", True) or t.get("score") is None for t in turns):
         return "unparsable"
-    fam = family or record["task"]
-    if any(feedback.leaks_answer(t["feedback"], record["answer"], fam, record["question"])
-           for t in turns if not t.get("correct")):
+    if feedback.dialogue_leaks_answer(record, family):
         return "leaked_answer"
     scores = [t["score"] for t in turns]
     if len(scores) < 2 or any(b <= a for a, b in zip(scores, scores[1:], strict=False)):

@@ -103,6 +103,14 @@ def leaks_answer(text: str, answer: str, family: str, question: str = "") -> boo
     return re.search(rf"(?<![a-z0-9]){re.escape(gold)}(?![a-z0-9])", t) is not None
 
 
+def dialogue_leaks_answer(record: dict[str, Any], family: str | None = None) -> bool:
+    """Does the feedback on any wrong turn of a dialogue record state the answer? (Both FIRE
+    filters, FIRE-100K's and FIRE-1M's, drop such dialogues.)"""
+    fam = family or record["task"]
+    return any(leaks_answer(t["feedback"], record["answer"], fam, record.get("question", ""))
+               for t in record["turns"] if not t.get("correct"))
+
+
 # ---------------------------------------------------------------------------------------------
 # What to say. Each family names what is wrong and where to look, in several phrasings.
 

@@ -120,6 +120,24 @@ def explain_difference(recorded: dict[str, Any] | None, stage: str, overrides: l
     return "a stage before it was made from another config"
 
 
+# The seeds of the stages' own random choices, each derived from cfg.seed by a fixed offset so
+# that two purposes never share a random stream (and a run's choices never change silently).
+SEED_OFFSETS = {
+    "language_drills": 1,  # stage 01: held-out answer-comparison drills
+    "fire100k_samples": 2,  # stage 02: which train samples FIRE-100K annotates
+    "judgement_chats": 3,  # stage 03: the teacher's text-only judgement warm-up
+    "refinement_look": 4,  # stage 04: val samples of the first refinement look
+    "fire1m_samples": 5,  # stage 05: which unused train samples FIRE-1M simulates
+}
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """The seed for one named purpose (``SEED_OFFSETS``), derived from the run's seed."""
+    if purpose not in SEED_OFFSETS:
+        raise KeyError(f"no seed purpose {purpose!r}; known: {sorted(SEED_OFFSETS)}")
+    return seed + SEED_OFFSETS[purpose]
+
+
 def make_deterministic(seed: int, num_threads: int) -> None:
     """Seed every generator and pin what else changes floating-point results between runs: the
     thread count (reductions split by thread) and torch's choice of algorithms."""

@@ -59,3 +59,17 @@ def world_samples(rows, rid_of: Callable[[str], str], with_scene: bool = True) -
         if with_scene:
             s["scene"] = json.loads(r["scene"])
         yield s
+
+
+def dialogue_record(sample: dict[str, Any], turns: list[dict[str, Any]], rid: str, source: str,
+                    stop: str | None = None, **meta: Any) -> dict[str, Any]:
+    """The one shape of a dialogue record, for FIRE-100K, FIRE-1M, the gold and judgement
+    dialogues and FIRE-Bench alike. ``sample`` is a world row or a sample record (``family`` and
+    ``split``); ``image`` names the image by split and id; ``meta`` says who wrote it."""
+    split = sample.get("split", "train")
+    rec = {"id": sample["id"], "request_id": rid, "image": f"world/{split}/{sample['id']}",
+           "question": sample["question"], "answer": sample["answer"], "task": sample["family"], "split": split,
+           "source": source, "turns": turns, "meta": meta}
+    if stop is not None:
+        rec["stop"] = stop
+    return rec

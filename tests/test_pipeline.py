@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_stages
 
 from fire_core import config, pipeline, provenance
 
@@ -81,12 +82,6 @@ def test_a_second_run_killed_in_three_stages_gives_the_same_bytes(smoke_root, tm
     assert 0 < simulated["simulated_now"] < 54, "the rerun finished what the kill left"
 
 
-def _copy_run(smoke_root: Path, dst: Path) -> Path:
-    for stage in config.STAGES:
-        shutil.copytree(smoke_root / stage, dst / "smoke" / stage, symlinks=True)
-    return dst
-
-
 def _run_name(plan_output: str) -> str:
     """The run folder the plan printed: 'run <name> in <root> ...'."""
     line = next(ln for ln in plan_output.splitlines() if ln.startswith("run "))
@@ -104,7 +99,7 @@ def _planned_stages(root: Path, run: str) -> list[str]:
 
 @pytest.mark.slow
 def test_other_overrides_get_their_own_run_and_reuse_only_what_matches(smoke_root, tmp_path):
-    root = _copy_run(smoke_root, tmp_path)
+    root = copy_stages(smoke_root, tmp_path, config.STAGES)
     base = root / "smoke"
     before = {s: _outputs(base / s) for s in config.STAGES}
     out = _make(root, "plan").stdout

@@ -70,7 +70,7 @@ def run(cfg: FireConfig) -> BaseResult:
                 docs = language.corpus(text_rows, cfg.train.language_drills, random.Random(cfg.seed))
                 lang = language.pretrain(model, tok, docs, cfg.train.language_pretrain_steps,
                                          cfg.train.language_pretrain_batch, cfg.train.language_pretrain_lr, cfg.seed,
-                                         heldout=language.drills(val_rows, 400, random.Random(cfg.seed + 1)))
+                                         heldout=language.drills(val_rows, 400, random.Random(provenance.derived_seed(cfg.seed, "language_drills"))))
                 log.info("language pretraining: drill accuracy %.3f -> %.3f in %.0f s", lang.drill_accuracy_before,
                          lang.drill_accuracy_after, lang.seconds)
             if cfg.train.vision_pretrain_steps > 0:

@@ -11,9 +11,9 @@ from typing import Any
 
 from fire_core import annotate, files, metrics, models, plots, prompts, provenance
 from fire_core import eval as evaluate
-from fire_core.annotate import dialogue_record, oracle_dialogue
+from fire_core.annotate import PROMPT_VERSION, oracle_dialogue
 from fire_core.files import request_id
-from fire_core.records import is_heldout, sample_record, select_per_family
+from fire_core.records import dialogue_record, is_heldout, sample_record, select_per_family
 from fire_core.sft import Example, FitResult, SFTDataset, fit
 from fire_core.vision import freeze_vision
 
@@ -108,7 +108,8 @@ def gold_dialogues(rows, model, processor, cfg) -> list[dict[str, Any]]:
     for r, first in zip(rows, firsts, strict=True):
         turns = oracle_dialogue(sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
                                 cfg.seed, cfg.annotator.fix_prob)
-        rec = dialogue_record(r, turns, request_id(r["id"], "gold", cfg.seed), source="world/oracle-gold")
+        rec = dialogue_record(r, turns, request_id(r["id"], "gold", cfg.seed), "world/oracle-gold",
+                              prompt_version=PROMPT_VERSION)
         rec["image"] = f"world/{r['split']}/{r['id']}"
         out.append(rec)
     return out

@@ -13,7 +13,6 @@ from fire_core.annotate import (
     GenStats,
     apply_filter,
     check_failure_rates,
-    dialogue_record,
     filter_reason,
     openai_dialogues,
     oracle_dialogue,
@@ -24,7 +23,7 @@ from fire_core.annotate import (
 from fire_core.client import AnnotatorError, run_async
 from fire_core.config import FireConfig
 from fire_core.files import ShardStore, request_id, write_jsonl
-from fire_core.records import sample_record, select_per_family
+from fire_core.records import dialogue_record, sample_record, select_per_family
 
 
 @dataclass
@@ -73,7 +72,7 @@ def save_failures(out: Path, stats: GenStats, rejects: list[dict[str, Any]]) -> 
 
 def _write(store: ShardStore, stats: GenStats, row: dict[str, Any], turns: list[dict[str, Any]], rid: str,
            model_name: str, d) -> None:
-    rec = dialogue_record(row, turns, rid, source=f"world/{model_name}")
+    rec = dialogue_record(row, turns, rid, f"world/{model_name}", prompt_version=PROMPT_VERSION)
     bad = validate(rec, d.score_min, d.score_max)
     if bad:  # never write a malformed record
         stats.failures["unparsable"] += 1
@@ -100,7 +99,8 @@ def run(cfg: FireConfig) -> Fire100kResult:
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     ds = world.load(cfg)["train"]
     a, d = cfg.annotator, cfg.dialogue
-    idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family, cfg.seed + 2))
+    idx = sorted(select_per_family(ds, cfg.world.seen_families, a.samples_per_family,
+                                 provenance.derived_seed(cfg.seed, "fire100k_samples")))
     rows = ds.select(idx).cast_column("image", datasets.Image(decode=False))  # decoded by image_ok
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", base_dir / "model"]) as run:
         store = ShardStore(run.dir / "raw", a.n_shards)

@@ -65,7 +65,8 @@ def run(cfg: FireConfig) -> Fire1mResult:
     train_ds = ds["train"]
     fresh = [i for i, sid in enumerate(train_ds["id"]) if sid not in used]
     sub = train_ds.select(fresh)
-    pick = records.select_per_family(sub, cfg.world.seen_families, d.samples_per_family, cfg.seed + 5)
+    pick = records.select_per_family(sub, cfg.world.seen_families, d.samples_per_family,
+                                      provenance.derived_seed(cfg.seed, "fire1m_samples"))
     rows = sub.select(sorted(pick))
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset", f100_dir / "fire100k.jsonl",
                                            teacher_dir / "model", student_dir / "model"]) as stage:

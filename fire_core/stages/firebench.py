@@ -108,7 +108,7 @@ def run(cfg: FireConfig) -> BenchResult:
         roles = {name: dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
                  for name, (m, p) in students.items()}
         if b.extra_student_endpoint:
-            roles[b.extra_student_model] = dialogue.openai_role(b.extra_student_model, b.extra_student_endpoint,
+            roles[b.extra_student_model] = dialogue.openai_role(b.extra_student_model, b.extra_student_endpoint, b.extra_student_api_key_env,
                                                                 d.concurrency, d.timeout_s, d.max_retries,
                                                                 d.student_max_new_tokens)
         free_records = []

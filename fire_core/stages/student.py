@@ -47,7 +47,8 @@ def run(cfg: FireConfig) -> StudentResult:
 
         teacher, t_proc = models.load(teacher_dir / "model")
         base, b_proc = load_base(cfg, base_dir)
-        look = sorted(select_per_family(ds["val"], cfg.world.seen_families, cfg.dialogue.refine_per_family, cfg.seed + 4))
+        look = sorted(select_per_family(ds["val"], cfg.world.seen_families, cfg.dialogue.refine_per_family,
+                                       provenance.derived_seed(cfg.seed, "refinement_look")))
         look_rows = ds["val"].select(look)
         refined, dialogs, look_seconds = [], [], {}
         for name, m, p in (("base", base, b_proc), ("fire100k_student", result.model, processor)):

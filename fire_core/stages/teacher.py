@@ -35,7 +35,7 @@ def judgement_warmup(cfg, ds, model, processor, run) -> None:
     rows = [r for r in ds["train"].remove_columns("image").to_list()
             if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]  # never a held-out dialogue's sample
     bs = cfg.train.language_pretrain_batch
-    docs = language.judgement_chats(rows, steps * bs // 2, random.Random(cfg.seed + 3))
+    docs = language.judgement_chats(rows, steps * bs // 2, random.Random(provenance.derived_seed(cfg.seed, "judgement_chats")))
     # no held-out measurement here: the "Same answer: yes|no" drills are stage 01's format, not
     # this one; the stage's probe table measures the teacher's judgement in its real prompt
     res = language.pretrain(model, processor.tokenizer, docs, steps, bs, cfg.train.learning_rate, cfg.seed)
