@@ -17,7 +17,6 @@ With ground truth, ``truth_metrics`` uses "the answer is correct" in place of s_
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,14 +128,25 @@ def dialogue_metrics(records: Sequence[dict[str, Any]], threshold: int = 8, max_
     return {**free_metrics(scores, threshold, max_turns), **truth_metrics(correct, max_turns)}
 
 
-def _tokens(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()))
+EMPTY = "emptyresponse"  # stands in for a text with no words (BLEU needs one token)
+
+
+def coco_tokenize(texts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Tokenize as the COCO-caption evaluation does: pycocoevalcap's PTBTokenizer (Stanford's
+    PTB tokenizer, lower-cased, punctuation removed), so BLEU and CIDEr compare with published
+    numbers. Needs Java, as METEOR does."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    words = {k: [{"caption": (t.replace("\n", " ").strip() or EMPTY)} for t in v] for k, v in texts.items()}
+    out = PTBTokenizer().tokenize(words)
+    return {k: [t or EMPTY for t in v] for k, v in out.items()}
 
 
 def text_metrics(predictions: dict[str, str], references: dict[str, str | list[str]],
                  meteor_rouge: bool = False) -> dict[str, float]:
-    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids); with
-    ``meteor_rouge`` also METEOR (pycocoevalcap's Java scorer) and ROUGE_L."""
+    """BLEU_1..BLEU_4 and CIDEr of predictions against references (same ids), both tokenized
+    by :func:`coco_tokenize`; with ``meteor_rouge`` also METEOR (pycocoevalcap's Java scorer)
+    and ROUGE_L."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -146,8 +156,8 @@ def text_metrics(predictions: dict[str, str], references: dict[str, str | list[s
     if not predictions:
         extra = {"METEOR": math.nan, "ROUGE_L": math.nan} if meteor_rouge else {}
         return {f"BLEU_{k}": math.nan for k in range(1, 5)} | {"CIDEr": math.nan} | extra
-    res = {k: [_tokens(v) or "<empty>"] for k, v in predictions.items()}
-    gts = {k: [_tokens(x) or "<empty>" for x in ([v] if isinstance(v, str) else v)] for k, v in references.items()}
+    res = coco_tokenize({k: [v] for k, v in predictions.items()})
+    gts = coco_tokenize({k: [v] if isinstance(v, str) else list(v) for k, v in references.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     out = {**{f"BLEU_{k}": float(b) for k, b in enumerate(bleu, 1)}, "CIDEr": float(cider)}

@@ -204,3 +204,16 @@ def test_paired_bootstrap_matches_by_sample_and_refuses_other_samples():
         metrics.paired_bootstrap(a, b[1:], 8, 5, 200, 0.95, 0)
     with pytest.raises(ValueError, match="one dialogue per sample id"):
         metrics.paired_bootstrap(a + a[:1], b + b[:1], 8, 5, 200, 0.95, 0)
+
+
+def test_text_metrics_tokenize_as_the_coco_caption_evaluation():
+    """Punctuation and case do not count (PTBTokenizer as pycocoevalcap runs it): a prediction
+    that differs from its reference only in those scores as identical."""
+    assert metrics.coco_tokenize({"a": ["Look at the LEFT side, again!"], "b": ["...", ""]}) == {
+        "a": ["look at the left side again"], "b": [metrics.EMPTY, metrics.EMPTY]}
+    m = metrics.text_metrics({"a": "Look at the left side, again!", "b": "Count them: one by one."},
+                             {"a": "look at the left side again", "b": "count them one by one"})
+    assert m["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
+    # several references per id, and ids tokenized apart (no line shift from embedded newlines)
+    m2 = metrics.text_metrics({"a": "the red\ncircle", "b": "two"}, {"a": ["a red circle", "the red circle"], "b": "two"})
+    assert m2["BLEU_1"] == pytest.approx(1.0, abs=1e-6)
