@@ -31,7 +31,6 @@ never been trained on feedback".
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -175,10 +174,7 @@ def pretrain(model, tokenizer, docs: Sequence[str], steps: int, batch_size: int,
     seqs = encode(docs, tokenizer, max_length)
     before = drill_accuracy(model, tokenizer, heldout) if heldout else None
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+    opt, sched = models.warmup_cosine_adamw(params, lr, steps)
     order = list(range(len(seqs)))
     rng = random.Random(seed)
     rng.shuffle(order)
@@ -193,13 +189,7 @@ def pretrain(model, tokenizer, docs: Sequence[str], steps: int, batch_size: int,
             pos = 0
         batch = pad_batch([seqs[i] for i in order[pos:pos + batch_size]], tokenizer.pad_token_id)
         pos += batch_size
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(models.optimizer_step(model(**batch).loss, params, opt, sched))
     after = drill_accuracy(model, tokenizer, heldout) if heldout else None
     return LanguageResult(losses=losses, drill_accuracy_before=before, drill_accuracy_after=after,
                           documents=len(seqs), tokens=sum(lengths), seconds=time.time() - t0)

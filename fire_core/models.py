@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,26 @@ def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = 
     else:
         model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype)
     return model, processor
+
+
+def warmup_cosine_adamw(params, lr: float, steps: int):
+    """AdamW (no weight decay) with a linear warm-up over the first twentieth of ``steps``, then
+    cosine to zero: the schedule of the text and the vision pretraining."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+    return opt, sched
+
+
+def optimizer_step(loss, params, opt, sched, max_norm: float = 1.0) -> float:
+    """Backward, clip the gradient norm, step optimizer and schedule; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
 
 
 def num_image_tokens(processor, image_size: int) -> int:

@@ -4,7 +4,6 @@ scene record (dense supervision, seconds on a CPU), then the heads are thrown aw
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from fire_core import world
+from fire_core.models import optimizer_step, warmup_cosine_adamw
 
 
 def native_convolution():
@@ -59,10 +59,7 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
                                  (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
     params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine to zero
-        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / max(1, steps)))))
+    opt, sched = warmup_cosine_adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(heldout, n)
     tower.train()
@@ -76,12 +73,7 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
             h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
             loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
                        for k, head in enumerate(heads))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+            losses.append(optimizer_step(loss, params, opt, sched))
     with torch.no_grad():
         h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
         acc = {}
