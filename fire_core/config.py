@@ -135,13 +135,16 @@ class ModelConfig:
     patch_size: int = 16
     max_length: int = 512  # tokens per training sequence, image tokens included
     dtype: str = "float32"
+    # Sequences per batched greedy generation outside the dialogue engine (accuracy, first
+    # answers, fixed-dialogue turns); the engine's own batch is dialogue.batch_size.
+    generate_batch_size: int = 32
 
     def __post_init__(self) -> None:
         _check(self.kind in ("tiny", "pretrained"), "model.kind", f"must be 'tiny' or 'pretrained', got '{self.kind}'")
         if self.kind == "pretrained":
             _check(bool(self.pretrained_id), "model.pretrained_id", "must be set when model.kind=pretrained")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "vision_hidden_size",
-                     "vision_layers", "patch_size", "max_length"):
+                     "vision_layers", "patch_size", "max_length", "generate_batch_size"):
             value = getattr(self, name)
             _check(value >= 1, f"model.{name}", f"must be >= 1, got {value}")
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
@@ -178,6 +181,7 @@ class TrainConfig:
     vision_pretrain_lr: float = 3e-3
     freeze_vision: bool = False  # LLaVA keeps its pretrained vision tower frozen
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
+    teacher_eval_per_family: int = 40  # stage 03: unseen-family gold dialogues, and probe samples per family
     heldout_per_family: int = 8  # stage 01: val chats per family whose loss is measured before and after training
     max_new_tokens: int = 64  # generation budget per answer
     num_threads: int = 2  # torch threads; 2 = this machine's cores
@@ -208,6 +212,8 @@ class TrainConfig:
         _check(self.language_drills >= 2, "train.language_drills", f"must be >= 2, got {self.language_drills}")
         _check(0 < self.vision_pretrain_lr < 1, "train.vision_pretrain_lr", f"must be in (0, 1), got {self.vision_pretrain_lr}")
         _check(self.eval_per_family >= 1, "train.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
+        _check(self.teacher_eval_per_family >= 1, "train.teacher_eval_per_family",
+               f"must be >= 1, got {self.teacher_eval_per_family}")
         _check(self.heldout_per_family >= 1, "train.heldout_per_family", f"must be >= 1, got {self.heldout_per_family}")
         _check(self.max_new_tokens >= 1, "train.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.num_threads >= 0, "train.num_threads", f"must be >= 0, got {self.num_threads}")

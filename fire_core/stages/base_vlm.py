@@ -97,7 +97,7 @@ def run(cfg: FireConfig) -> BaseResult:
             idx = select_per_family(ds[split], fams, cfg.train.eval_per_family, cfg.seed)
             eval_rows += list(ds[split].select(sorted(idx)))
         preds = evaluate.qa_predictions(model, processor, eval_rows, cfg.train.max_new_tokens,
-                                        batch_size=cfg.dialogue.batch_size)
+                                        batch_size=cfg.model.generate_batch_size)
         acc = evaluate.accuracy_table(preds)
         acc.to_csv(run.dir / "accuracy.csv", index=False, float_format="%.4f")
         files.write_jsonl(run.dir / "predictions.jsonl", preds)

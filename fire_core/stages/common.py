@@ -103,7 +103,7 @@ def gold_dialogues(rows, model, processor, cfg) -> list[dict[str, Any]]:
     """Oracle dialogues on held-out world rows (val/test/unseen), starting from the base VLM's
     first answers: the gold dialogues of fixed-dialogue evaluation. Never used for training."""
     rows = list(rows)
-    firsts = first_responses(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size)
+    firsts = first_responses(model, processor, rows, cfg.train.max_new_tokens, cfg.model.generate_batch_size)
     out = []
     for r, first in zip(rows, firsts, strict=True):
         turns = oracle_dialogue(sample_record(r), first, cfg.dialogue.threshold, cfg.dialogue.max_turns,
@@ -122,13 +122,13 @@ def first_turn_report(cfg, model, processor, run, base_dir: Path, ds, name: str)
 
     idx = select_per_family(ds["val"], cfg.world.seen_families, cfg.train.eval_per_family, cfg.seed)
     rows = list(ds["val"].select(sorted(idx)))
-    preds = evaluate.qa_predictions(model, processor, rows, cfg.train.max_new_tokens, cfg.dialogue.batch_size,
+    preds = evaluate.qa_predictions(model, processor, rows, cfg.train.max_new_tokens, cfg.model.generate_batch_size,
                                     desc=f"{name} first turns", prompt="student")
     base_preds = {p["id"]: p for p in map(json.loads, open(base_dir / "predictions.jsonl")) if p["split"] == "val"}
     if not all(p["id"] in base_preds for p in preds):  # stage 01 evaluated other samples: answer them again
         base, base_proc = load_base(cfg, base_dir)
         base_preds = {p["id"]: p for p in evaluate.qa_predictions(base, base_proc, rows, cfg.train.max_new_tokens,
-                                                                   cfg.dialogue.batch_size, desc="base first turns")}
+                                                                   cfg.model.generate_batch_size, desc="base first turns")}
     files.write_jsonl(run.dir / "first_turn_predictions.jsonl", preds)
     df = pd.DataFrame([{"family": p["family"], "base": base_preds[p["id"]]["correct"], name: p["correct"]}
                        for p in preds])

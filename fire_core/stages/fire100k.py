@@ -112,7 +112,7 @@ def run(cfg: FireConfig) -> Fire100kResult:
         rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed) for i in ids}
         stats.skipped_done = sum(rid_of[i] in done for i in ids)
         model, processor = models.load(base_dir / "model")
-        bs = d.batch_size
+        bs = cfg.model.generate_batch_size
         rejects: list[dict[str, Any]] = []
         # Batches are fixed slices of all samples, not of the unfinished ones: a batch's float
         # rounding depends on its other rows, so a rerun recomputes an unfinished batch whole

@@ -82,7 +82,7 @@ def run(cfg: FireConfig) -> BenchResult:
         # fixed dialogue: students
         fixed_rows, fixed_preds = [], []
         for name, (m, p) in students.items():
-            preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, d.batch_size, desc=f"{name} fixed")
+            preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, cfg.model.generate_batch_size, desc=f"{name} fixed")
             for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
                 if sel:
                     key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
@@ -92,7 +92,7 @@ def run(cfg: FireConfig) -> BenchResult:
         fixed_student = pd.DataFrame(fixed_rows)
         fixed_student.to_csv(run.dir / "fixed_student.csv", index=False, float_format="%.4f")
         # fixed dialogue: the teacher
-        t_turns = evaluate.teacher_fixed(*teacher, gold, images, d.teacher_max_new_tokens, d.batch_size,
+        t_turns = evaluate.teacher_fixed(*teacher, gold, images, d.teacher_max_new_tokens, cfg.model.generate_batch_size,
                                          d.score_min, d.score_max)
         t_rows = []
         for subset, sel in (("all", t_turns), ("seen", [t for t in t_turns if t["family"] in seen_fams]),

@@ -95,14 +95,14 @@ def run(cfg: FireConfig) -> TeacherResult:
                                            prepare=lambda m, p: judgement_warmup(cfg, ds, m, p, run))
         # gold dialogues on the unseen families, from the base VLM's first answers
         base, base_proc = load_base(cfg, base_dir)
-        uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.eval_per_family, cfg.seed)
+        uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.teacher_eval_per_family, cfg.seed)
         unseen_rows = list(ds["unseen"].select(sorted(uidx)))
         unseen = stage_common.gold_dialogues(unseen_rows, base, base_proc, cfg)
         del base
         images = {r["id"]: image_of(r["id"]) for r in held}
         images.update({r["id"]: r["image"].convert("RGB") for r in unseen_rows})
         turns = evaluate.teacher_fixed(result.model, processor, held + unseen, images,
-                                       cfg.dialogue.teacher_max_new_tokens, cfg.dialogue.batch_size,
+                                       cfg.dialogue.teacher_max_new_tokens, cfg.model.generate_batch_size,
                                        cfg.dialogue.score_min, cfg.dialogue.score_max)
         seen_fams = set(cfg.world.seen_families)
         for t in turns:
@@ -122,10 +122,10 @@ def run(cfg: FireConfig) -> TeacherResult:
         summary = pd.DataFrame(rows)
         summary.to_csv(run.dir / "teacher_eval.csv", index=False, float_format="%.4f")
         # the probe: per family, one test response with the right answer and the same with a wrong one
-        pidx = select_per_family(ds["test"], cfg.world.seen_families, cfg.train.eval_per_family, cfg.seed)
+        pidx = select_per_family(ds["test"], cfg.world.seen_families, cfg.train.teacher_eval_per_family, cfg.seed)
         probe = evaluate.teacher_probe(result.model, processor, list(ds["test"].select(sorted(pidx))), cfg.seed,
                                        cfg.dialogue.threshold, cfg.dialogue.teacher_max_new_tokens,
-                                       cfg.dialogue.batch_size)
+                                       cfg.model.generate_batch_size)
         pdf = pd.DataFrame(probe)
         probe_table = pdf.groupby("family", sort=False).agg(
             n=("ok", "size"), right_mean_score=("right_score", "mean"), wrong_mean_score=("wrong_score", "mean"),
