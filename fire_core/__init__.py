@@ -23,7 +23,7 @@ The package has floors, and imports only point down (``tests/test_layout.py`` ch
 - ``stages/``: ``common`` (what several stages share), then one module per stage, each with
   one entry point ``run(cfg)``: ``world`` (00), ``base_vlm`` (01), ``fire100k`` (02),
   ``teacher`` (03), ``student`` (04), ``fire1m`` (05), ``firebench`` (06);
-- tools on top: ``pipeline`` (the run planner ``make`` calls), ``serve`` (a local
+- tools on top, using the mechanisms and never a stage: ``pipeline`` (the run planner ``make`` calls), ``serve`` (a local
   OpenAI-compatible server), ``bench`` (``make bench``).
 """
 

@@ -7,7 +7,7 @@ Floors, bottom to top:
      client, annotate, language, dialogue, metrics, eval
   2  stages.common                             (what several stages share)
   3  stages.<one per stage>                    (each has one entry point, run(cfg))
-  4  tools: pipeline, serve, bench
+  4  tools: pipeline, serve, bench (they use the mechanisms, never a stage)
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def downward_violations(pkg: Path) -> list[str]:
                 continue
             if floor(target) > floor(mod):
                 bad.append(f"{path.name}:{line} {mod} (floor {floor(mod)}) imports {target} (floor {floor(target)})")
+            elif floor(mod) == 4 and floor(target) in (2, 3):
+                bad.append(f"{path.name}:{line} tool {mod} imports stage code {target}: tools use mechanisms only")
             elif floor(mod) == 3 and floor(target) == 3:
                 bad.append(f"{path.name}:{line} stage {mod} imports stage {target}: share it through stages.common")
     return bad
