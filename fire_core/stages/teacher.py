@@ -12,8 +12,7 @@ from fire_core import eval as evaluate
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, is_heldout, select_per_family
 from fire_core.sft import FitResult, teacher_examples
-from fire_core.stages import common as stage_common
-from fire_core.stages.common import fit_from_base, load_base, load_fire100k
+from fire_core.stages.common import fit_from_base, gold_dialogues, load_base, load_fire100k
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def run(cfg: FireConfig) -> TeacherResult:
         base, base_proc = load_base(cfg, base_dir)
         uidx = select_per_family(ds["unseen"], cfg.world.unseen_families, cfg.train.teacher_eval_per_family, cfg.seed)
         unseen_rows = list(ds["unseen"].select(sorted(uidx)))
-        unseen = stage_common.gold_dialogues(unseen_rows, base, base_proc, cfg)
+        unseen = gold_dialogues(unseen_rows, base, base_proc, cfg)
         del base
         images = {r["id"]: image_of(r["id"]) for r in held}
         images.update({r["id"]: r["image"].convert("RGB") for r in unseen_rows})
