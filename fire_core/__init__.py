@@ -16,9 +16,10 @@ The package has floors, and imports only point down (``tests/test_layout.py`` ch
   checker), ``prompts``, ``feedback`` (the oracle), ``models`` (tokenizer, processor, VLMs,
   the KV-cache generator), ``vision`` (tower pretraining), ``language`` (text pretraining),
   ``sft`` (fine-tuning and the examples of each stage), ``records`` (sample records, splits,
-  image look-up), ``client`` (OpenAI-compatible endpoints), ``annotate`` (FIRE-100K's
-  annotators and filter), ``dialogue`` (the batched dialogue engine), ``metrics`` (FIRE's
-  free-dialogue metrics, text metrics, bootstrap), ``eval`` (predictions, fixed-dialogue
+  image look-up, the LVLM_NLF loader), ``client`` (OpenAI-compatible endpoints), ``annotate``
+  (FIRE-100K's annotators and filter), ``dress`` (DRESS's iterative generation-annotation and
+  its annotators), ``dialogue`` (the batched dialogue engine), ``metrics`` (FIRE's
+  free-dialogue metrics, text metrics, CHAIR, bootstrap), ``eval`` (predictions, fixed-dialogue
   evaluation, the metric command line);
 - ``stages/``: ``common`` (what several stages share), then one module per stage, each with
   one entry point ``run(cfg)``: ``world`` (00), ``base_vlm`` (01), ``fire100k`` (02),

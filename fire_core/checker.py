@@ -80,6 +80,13 @@ def objects_in(text: str) -> Counter:
     return found
 
 
+def shapes_in(text: str) -> set[str]:
+    """The object categories (shape words, singular or plural) a caption mentions: CHAIR's
+    mentions, one per category per caption."""
+    t = _singular(normalize(text))
+    return {s for s in SHAPES if re.search(rf"\b{s}\b", t)}
+
+
 def answer_vocab(family: str) -> list[str]:
     if family in ("color",):
         return list(COLORS)

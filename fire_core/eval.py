@@ -23,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fire_core import checker, feedback, models, prompts
+from fire_core.files import jsonl_lines
 from fire_core.metrics import free_metrics, text_metrics, truth_metrics
 
 
@@ -183,23 +184,10 @@ class InputError(ValueError):
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    import json
-
-    try:
-        fh = open(path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
-    with fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or "id" not in obj:
-                raise InputError(f"{path}: line {n}: expected an object with an 'id'")
-            yield n, obj
+    for n, obj in jsonl_lines(path, InputError):
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise InputError(f"{path}: line {n}: expected an object with an 'id'")
+        yield n, obj
 
 
 def read_dialogues(path: str, threshold: int, max_turns: int) -> tuple[list[list[int]], list[list[bool]] | None]:

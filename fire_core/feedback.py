@@ -28,8 +28,6 @@ from fire_core import checker, world
 from fire_core.checker import extract_answer, is_correct, normalize
 from fire_core.world import COLORS, SHAPES
 
-RATING_WORDS = {1: "bad", 2: "mediocre", 3: "good", 4: "excellent"}
-
 
 @dataclass
 class Judgement:

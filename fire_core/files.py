@@ -70,6 +70,24 @@ class ShardStore:
         return sorted(self.records(), key=lambda r: r["id"])
 
 
+def jsonl_lines(path: Path | str, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSONL file. A file that cannot
+    be read, or a line that is not JSON, raises ``error`` with the file and line in its message."""
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from exc
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}: line {n}: not valid JSON ({exc.msg})") from exc
+            yield n, value
+
+
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]], append: bool = False) -> None:
     """One JSON object per line, keys sorted (the same records always give the same bytes)."""
     with open(path, "a" if append else "w") as fh:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from fire_core.checker import shapes_in
+
 
 def per_dialogue(scores: Sequence[Sequence[int | None]] | None = None,
                  correct: Sequence[Sequence[bool]] | None = None, threshold: int = 8, max_turns: int = 5,
@@ -239,3 +241,28 @@ def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[fl
     p = _record_arrays(records, threshold, max_turns)
     return {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)],
             "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}
+
+
+def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], n_bootstrap: int = 1000, ci: float = 0.95,
+          seed: int = 0) -> dict[str, float]:
+    """CHAIR (Rohrbach et al., 2018), as DRESS reports it for captions:
+
+    - CHAIR_i = hallucinated object mentions / all object mentions;
+    - CHAIR_s = captions with at least one hallucinated object / all captions.
+
+    A mention is an object category (a shape word, singular or plural) named in a caption, each
+    category counted once per caption; it is hallucinated when the category is not among the
+    caption's image ``objects``. Captions without any mention count in CHAIR_s's denominator.
+    Intervals: bootstrap over captions (CHAIR_i as a ratio of the resampled sums)."""
+    if len(captions) != len(objects) or not captions:
+        raise ValueError("chair needs one object list per caption, and at least one caption")
+    mentioned = np.array([len(shapes_in(c)) for c in captions], dtype=float)
+    wrong = np.array([len(shapes_in(c) - set(objs)) for c, objs in zip(captions, objects, strict=True)], dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(captions), size=(n_bootstrap, len(captions)))
+    ci_i = wrong[idx].sum(1) / np.maximum(mentioned[idx].sum(1), 1)
+    ci_s = (wrong[idx] > 0).mean(1)
+    out = {"CHAIR_i": float(wrong.sum() / max(mentioned.sum(), 1)), "CHAIR_s": float((wrong > 0).mean()),
+           "mentions": int(mentioned.sum()), "hallucinated": int(wrong.sum()), "n": len(captions)}
+    for k, v in (("CHAIR_i", ci_i), ("CHAIR_s", ci_s)):
+        out[f"{k}_lo"], out[f"{k}_hi"] = _interval(v, ci)
+    return out

@@ -15,6 +15,11 @@ the assistant turns whose tokens carry the loss::
 - **teacher** (FIRE): the teacher sees the question, the ground truth and the student's response,
   and replies ``Score: N`` (1-10) then ``Feedback: ...`` that says what is wrong and how to look
   again without stating the answer; the loss is on the teacher's replies.
+- **DRESS** (conditional training): each response is preceded, in the user turn before it, by a
+  condition line ``Condition: <rating word> critique`` (the rating 1-4 verbalised as bad,
+  mediocre, good, excellent); later user turns start with the refinement of the turn before.
+  The loss is on the responses only. At inference the condition is the best one,
+  ``Condition: <excellent> Nice response.``
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ STUDENT_SYSTEM = ("You are a student. Answer the question about the image. If a 
 TEACHER_SYSTEM = ("You are a teacher. Reply 'Score: N' (1 to 10), then 'Feedback: ...' on how to improve, "
                   "without stating the correct answer.")
 BASE_SYSTEM = "You are a helpful assistant. Answer the question about the image."
+DRESS_SYSTEM = ("You are a helpful assistant. Answer the question about the image. The condition line says "
+                "how good your answer is to be; later messages give advice to improve it.")
+RATING_WORDS = {1: "bad", 2: "mediocre", 3: "good", 4: "excellent"}  # DRESS's verbalizers of the 1-4 rating
+BEST_CRITIQUE = "Nice response."  # DRESS's inference condition: <excellent> plus this critique
 
 
 # Sentences in the style of the feedback to come (stage 02), so the tokenizer trained in stage 01
@@ -55,6 +64,9 @@ class Turn:
     response: str
     score: int | None = None
     feedback: str | None = None
+    rating: int | None = None  # DRESS: 1-4
+    critique: str | None = None  # DRESS: 5-7 words on this response
+    refinement: str | None = None  # DRESS: advice for the next response
 
 
 @dataclass
@@ -103,6 +115,47 @@ def student_prompt(question: str, history: list[Turn]) -> list[dict[str, Any]]:
     msgs = student_messages(question, history, train=False)
     if history:
         msgs.append(_msg("user", feedback_text(history[-1])))
+    return msgs
+
+
+def condition_text(rating: int, critique: str | None) -> str:
+    """DRESS's condition for one response: its rating word, then its critique (none when the
+    critique is ablated)."""
+    if rating not in RATING_WORDS:
+        raise ValueError(f"DRESS rating {rating!r} is not one of 1-4")
+    return f"Condition: <{RATING_WORDS[rating]}>" + (f" {critique}" if critique else "")
+
+
+BEST_CONDITION = condition_text(4, BEST_CRITIQUE)
+
+
+def dress_messages(question: str, turns: list[Turn], critique: bool = True, train: bool = True) -> list[dict[str, Any]]:
+    """DRESS conditional training chat: response k follows the refinement of response k-1 and
+    response k's own condition; the loss is on the responses."""
+    msgs = [_msg("system", DRESS_SYSTEM)]
+    for k, t in enumerate(turns):
+        cond = condition_text(t.rating, t.critique if critique else None)
+        if k == 0:
+            msgs.append(_user_image(f"{question}\n{cond}"))
+        else:
+            msgs.append(_msg("user", f"{turns[k - 1].refinement or ''}\n{cond}".lstrip()))
+        msgs.append(_msg("assistant", t.response, train=train))
+    return msgs
+
+
+def dress_prompt(question: str, history: list[Turn], refinement: str | None = None,
+                 condition: str | None = BEST_CONDITION) -> list[dict[str, Any]]:
+    """Messages asking for the next response: earlier responses (each under the best condition,
+    as they were asked), then the latest refinement and the condition. ``condition=None`` gives
+    a plain multi-turn chat for models never trained with conditions (the base VLM)."""
+    def user(text: str) -> str:
+        return f"{text}\n{condition}".strip() if condition else text
+
+    msgs = [_msg("system", DRESS_SYSTEM if condition else BASE_SYSTEM), _user_image(user(question))]
+    for k, t in enumerate(history):
+        msgs.append(_msg("assistant", t.response))
+        nxt = refinement if k == len(history) - 1 and refinement is not None else t.refinement
+        msgs.append(_msg("user", user(nxt or "")))
     return msgs
 
 

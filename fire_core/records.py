@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from fire_core.files import jsonl_lines
 
 
 def select_per_family(ds, families: Sequence[str], n: int, seed: int) -> list[int]:
@@ -73,3 +76,51 @@ def dialogue_record(sample: dict[str, Any], turns: list[dict[str, Any]], rid: st
     if stop is not None:
         rec["stop"] = stop
     return rec
+
+
+NLF_CRITIQUE_KEYS = ("critique NLF", "critique_NLF", "critique_nlf", "critique")  # spellings accepted
+
+
+def load_lvlm_nlf(path: Path | str, image_dir: Path | str | None = None) -> list[dict[str, Any]]:
+    """DRESS's released feedback data (hub ``YangyiYY/LVLM_NLF``: JSONL, one trajectory per line
+    with ``image_id`` (COCO train2017), ``caption`` and ``interaction``, a list of
+    ``{user, model, rating, critique NLF}``) as dialogue records. Turn i's refinement is the
+    ``user`` text of turn i+1; turn 1's ``user`` is the question. The caption is the dense
+    annotation the annotator read; the reference answer is the last turn's response. Images are
+    named ``<image_dir>/<image_id as 12 digits>.jpg``, as in COCO. A bad line fails with its
+    number and what is wrong; nothing is downloaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LVLM_NLF file not found: {path}")
+    out = []
+    for n, row in jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {n}: expected a JSON object")
+        missing = [k for k in ("image_id", "interaction") if k not in row]
+        if missing or not isinstance(row.get("interaction"), list) or not row["interaction"]:
+            raise ValueError(f"{path}: line {n}: needs 'image_id' and a non-empty 'interaction' list "
+                             f"(missing: {missing or 'interaction is empty'})")
+        turns = []
+        inter = row["interaction"]
+        for k, t in enumerate(inter):
+            if not isinstance(t, dict):
+                raise ValueError(f"{path}: line {n}: turn {k + 1} is not an object")
+            crit = next((t[c] for c in NLF_CRITIQUE_KEYS if c in t), None)
+            if "user" not in t or "model" not in t or "rating" not in t or crit is None:
+                raise ValueError(f"{path}: line {n}: turn {k + 1} needs 'user', 'model', 'rating' and a critique "
+                                 f"(one of {NLF_CRITIQUE_KEYS}); it has {sorted(t)}")
+            try:
+                rating = int(t["rating"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: line {n}: turn {k + 1} rating {t['rating']!r} is not a number 1-4") from None
+            if not 1 <= rating <= 4:
+                raise ValueError(f"{path}: line {n}: turn {k + 1} rating {rating} is outside 1-4")
+            turns.append({"response": str(t["model"]), "rating": rating, "critique": str(crit),
+                          "refinement": str(inter[k + 1]["user"]) if k + 1 < len(inter) else ""})
+        image_id = str(row["image_id"])
+        name = f"{int(image_id):012d}.jpg" if image_id.isdigit() else image_id
+        out.append({"id": f"nlf-{n}", "request_id": f"nlf-{n}", "image": str(Path(image_dir) / name) if image_dir else name,
+                    "question": str(inter[0]["user"]), "answer": turns[-1]["response"], "task": "lvlm_nlf",
+                    "split": "train", "source": "LVLM_NLF", "turns": turns,
+                    "meta": {"image_id": image_id, "caption": row.get("caption", "")}})
+    return out

@@ -437,6 +437,28 @@ def teacher_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
     return out
 
 
+def dress_examples(records, image_of: Callable[[str], Any], critique: bool = True, refinement: bool = True
+                   ) -> list[Example]:
+    """DRESS conditional training chats from trajectories: each response under its rating word
+    and critique, after the refinement of the turn before; loss on every response. Ablations:
+    ``critique=False`` keeps the rating word alone; ``refinement=False`` keeps single-turn
+    data only (each trajectory's first turn, and its reference turn as a separate chat)."""
+
+    def chat(r, turns):
+        ts = [prompts.Turn(t["response"], rating=t["rating"], critique=t["critique"], refinement=t.get("refinement"))
+              for t in turns]
+        return Example(prompts.dress_messages(r["question"], ts, critique=critique), (lambda i=r["id"]: image_of(i)),
+                       {"id": r["id"], "family": r["task"]})
+
+    out = []
+    for r in records:
+        if refinement:
+            out.append(chat(r, r["turns"]))
+        else:
+            out.extend(chat(r, [t]) for t in r["turns"] if t is r["turns"][0] or t.get("reference"))
+    return out
+
+
 def student_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
     """Student chats: responses with the feedback between them; loss on every response. The
     student never sees the ground truth or the scores."""
