@@ -54,6 +54,9 @@ class Role:
     max_new_tokens: int = 64
     cache_prefix: bool = True
     generator: Any = None  # PrefixCachedGenerator, made on first use
+    # the student's prompt from (question, earlier turns); None: FIRE's (prompts.student_prompt).
+    # A DRESS model answers under its own prompt (prompts.dress_student_prompt).
+    prompt: Callable[[str, list[prompts.Turn]], list[dict[str, Any]]] | None = None
 
     def tokens(self, text: str) -> int:
         """Generated tokens in ``text`` (+1 for the end token); words for remote roles."""
@@ -260,7 +263,8 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                 keys = [s.key for s in active]
                 # the student answers for every active dialogue
                 t0 = time.perf_counter()
-                convs = [prompts.student_prompt(s.sample["question"], s.history()) for s in active]
+                make_prompt = student.prompt or prompts.student_prompt
+                convs = [make_prompt(s.sample["question"], s.history()) for s in active]
                 responses = _generate(student, keys, convs, active, tally)
                 t1 = time.perf_counter()
                 timing["student"] += t1 - t0

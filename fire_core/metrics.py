@@ -266,3 +266,24 @@ def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], n_bootstrap
     for k, v in (("CHAIR_i", ci_i), ("CHAIR_s", ci_s)):
         out[f"{k}_lo"], out[f"{k}_hi"] = _interval(v, ci)
     return out
+
+
+def score_curve(records: Sequence[dict[str, Any]], turns: int = 4, score_min: int = 1, n_bootstrap: int = 1000,
+                ci: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """DRESS's multi-turn interaction curve (its figure 3): the mean provider score after turn
+    1..``turns``. A dialogue that stopped earlier (satisfied) keeps its last score for the later
+    turns; an unparsable score counts as ``score_min``. Returns ``turn``, ``mean``, ``lo``,
+    ``hi`` (bootstrap over dialogues) and ``n``."""
+    if not records:
+        raise ValueError("no dialogues to score")
+    grid = np.empty((len(records), turns))
+    for i, r in enumerate(records):
+        s = [score_min if t.get("score") is None else t["score"] for t in r["turns"][:turns]]
+        if not s:
+            raise ValueError(f"dialogue {r.get('id')} has no turns")
+        grid[i] = s + [s[-1]] * (turns - len(s))
+    idx = np.random.default_rng(seed).integers(0, len(records), size=(n_bootstrap, len(records)))
+    boots = grid[idx].mean(1)  # (n_bootstrap, turns)
+    lo, hi = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2], axis=0)
+    return {"turn": list(range(1, turns + 1)), "mean": grid.mean(0).tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
+            "n": len(records)}

@@ -159,6 +159,13 @@ def dress_prompt(question: str, history: list[Turn], refinement: str | None = No
     return msgs
 
 
+def dress_student_prompt(question: str, history: list[Turn]) -> list[dict[str, Any]]:
+    """A DRESS model's prompt inside a feedback dialogue (the engine's student role): each
+    provider's feedback is the refinement of the turn it follows; every turn under the best
+    condition."""
+    return dress_prompt(question, [Turn(t.response, refinement=t.feedback) for t in history])
+
+
 def teacher_reply(turn: Turn) -> str:
     return f"Score: {turn.score}\nFeedback: {turn.feedback or ''}".rstrip()
 

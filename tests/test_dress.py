@@ -329,3 +329,49 @@ def test_lvlm_nlf_loader_names_the_bad_line(tmp_path, line, error):
         records.load_lvlm_nlf(p)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         records.load_lvlm_nlf(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn interaction: the DRESS prompt inside the dialogue engine, and the score curve
+
+
+def test_engine_asks_a_dress_model_under_its_own_prompt(monkeypatch):
+    from fire_core import config, dialogue
+
+    dcfg = config.load("05_simulate_fire1m", ["scale=smoke"]).dialogue
+    samples = [{**_sample("count", i), "request_id": f"r{i}"} for i in range(3)]
+    seen = []
+
+    def fake_generate(model, processor, convs, images, max_new_tokens, batch_size):
+        seen.extend(convs)
+        return ["I count 0 shapes. The answer is 0." for _ in convs]  # always wrong: the dialogue runs on
+
+    monkeypatch.setattr(dialogue.models, "generate", fake_generate)
+    student = dialogue.Role("hf", "dress", model=object(), processor=None, cache_prefix=False,
+                            prompt=prompts.dress_student_prompt)
+    res = dialogue.run(samples, student, dialogue.oracle_role(), dcfg, seed=0, progress=False)
+    assert len(res.records) == 3 and all(len(r["turns"]) == dcfg.max_turns for r in res.records)
+    first, later = seen[0], seen[-1]
+    assert first[0]["content"] == prompts.DRESS_SYSTEM
+    assert first[1]["content"][1]["text"].endswith("\n" + prompts.BEST_CONDITION)
+    # a later turn: the oracle's feedback on the turn before is the refinement, under the best condition
+    rec = next(r for r in res.records if r["id"] == samples[-1]["id"])
+    assert later[-1]["content"] == f"{rec['turns'][-2]['feedback']}\n{prompts.BEST_CONDITION}"
+    assert not any("Score:" in json.dumps(c) for c in seen)  # the student never sees a score
+    # the FIRE student's prompt is unchanged when no prompt is given
+    seen.clear()
+    dialogue.run(samples[:1], dialogue.Role("hf", "fire", model=object(), cache_prefix=False), dialogue.oracle_role(),
+                 dcfg, seed=0, progress=False)
+    assert seen[0][0]["content"] == prompts.STUDENT_SYSTEM
+
+
+def test_score_curve_carries_the_last_score_forward():
+    recs = [{"id": "a", "turns": [{"score": 2}, {"score": 5}, {"score": 9}]},
+            {"id": "b", "turns": [{"score": 9}]},
+            {"id": "c", "turns": [{"score": 4}, {"score": None}]}]  # unparsable: the bottom of the scale
+    out = metrics.score_curve(recs, turns=4, n_bootstrap=200)
+    assert out["turn"] == [1, 2, 3, 4] and out["n"] == 3
+    assert out["mean"] == pytest.approx([(2 + 9 + 4) / 3, (5 + 9 + 1) / 3, (9 + 9 + 1) / 3, (9 + 9 + 1) / 3])
+    assert all(lo <= m <= hi for lo, m, hi in zip(out["lo"], out["mean"], out["hi"], strict=True))
+    with pytest.raises(ValueError, match="no dialogues"):
+        metrics.score_curve([])
