@@ -243,6 +243,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
     steps = 0
     t_start = time.perf_counter()
     bar = tqdm(total=total, desc=f"dialogues {source}", unit="dlg", disable=not progress)
+    make_prompt = student.prompt or prompts.student_prompt
     try:
         for part in _chunks(samples, chunk):
             if chunk and all(x["request_id"] in done for x in part):
@@ -263,7 +264,6 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                 keys = [s.key for s in active]
                 # the student answers for every active dialogue
                 t0 = time.perf_counter()
-                make_prompt = student.prompt or prompts.student_prompt
                 convs = [make_prompt(s.sample["question"], s.history()) for s in active]
                 responses = _generate(student, keys, convs, active, tally)
                 t1 = time.perf_counter()

@@ -31,9 +31,6 @@ from fire_core import feedback, prompts
 from fire_core.checker import extract_answer
 from fire_core.client import Endpoint, Tally, Unusable, chat_many, image_data_url, run_async
 
-BEST_CRITIQUE_OF_REFERENCE = "Correct answer, clear and well grounded."
-
-
 @dataclass
 class Annotation:
     reason: str
@@ -61,7 +58,7 @@ def continues(ratings: Sequence[int], max_turns: int) -> bool:
     return ratings[-1] > ratings[-2] and ratings[-1] in (2, 3)
 
 
-def stop_reason(ratings: Sequence[int], max_turns: int) -> str:
+def stop_reason(ratings: Sequence[int]) -> str:
     if len(ratings) == 1 and ratings[0] >= 3:
         return "good_first_turn"
     if len(ratings) > 1 and ratings[-1] <= ratings[-2]:
@@ -72,17 +69,16 @@ def stop_reason(ratings: Sequence[int], max_turns: int) -> str:
 
 
 def reference_turn(sample: dict[str, Any]) -> dict[str, Any]:
+    """The reference answer under the best condition, the one inference prompts with."""
     return {"response": sample["response"], "reason": "The reference answer.", "rating": 4,
-            "critique": BEST_CRITIQUE_OF_REFERENCE, "refinement": "", "reference": True}
+            "critique": prompts.BEST_CRITIQUE, "refinement": "", "reference": True}
 
 
 def finish(sample: dict[str, Any], turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Append the reference as the final turn when the trajectory went past turn 1 without
     reaching the best rating."""
-    if len(turns) > 1 or turns[0]["rating"] <= 2:
-        if turns[-1]["rating"] < 4:
-            return [*turns, reference_turn(sample)]
-    return turns
+    went_on = len(turns) > 1 or turns[0]["rating"] <= 2
+    return [*turns, reference_turn(sample)] if went_on and turns[-1]["rating"] < 4 else turns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +210,7 @@ def iterate(samples: Sequence[dict[str, Any]], first: Sequence[str],
             out.append(None)
             continue
         ratings = [t["rating"] for t in turns[i]]
-        reason = stop_reason(ratings, max_turns)
+        reason = stop_reason(ratings)
         counts[reason] = counts.get(reason, 0) + 1
         done = finish(s, turns[i])
         for t in done:

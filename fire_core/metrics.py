@@ -256,8 +256,9 @@ def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], n_bootstrap
     Intervals: bootstrap over captions (CHAIR_i as a ratio of the resampled sums)."""
     if len(captions) != len(objects) or not captions:
         raise ValueError("chair needs one object list per caption, and at least one caption")
-    mentioned = np.array([len(shapes_in(c)) for c in captions], dtype=float)
-    wrong = np.array([len(shapes_in(c) - set(objs)) for c, objs in zip(captions, objects, strict=True)], dtype=float)
+    named = [shapes_in(c) for c in captions]
+    mentioned = np.array([len(m) for m in named], dtype=float)
+    wrong = np.array([len(m - set(objs)) for m, objs in zip(named, objects, strict=True)], dtype=float)
     idx = np.random.default_rng(seed).integers(0, len(captions), size=(n_bootstrap, len(captions)))
     ci_i = wrong[idx].sum(1) / np.maximum(mentioned[idx].sum(1), 1)
     ci_s = (wrong[idx] > 0).mean(1)

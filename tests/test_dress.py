@@ -252,7 +252,7 @@ def test_dress_chats_put_loss_on_responses_and_conditions_before_them(tok_proc):
     users = text.split("<|user|>")[1:]
     assert "Condition: <bad> Wrong count, shapes were missed." in users[0]
     assert "Count the shapes on the left again.\nCondition: <bad> Same wrong count again.<|end|>" in users[1]
-    assert f"Condition: <excellent> {dress.BEST_CRITIQUE_OF_REFERENCE}" in users[2]
+    assert f"Condition: <excellent> {prompts.BEST_CRITIQUE}" in users[2]
     for w in ("Condition", "<bad>", "<excellent>", "Look at each corner."):  # conditions never carry loss
         assert w not in labelled
 
