@@ -31,6 +31,7 @@ from fire_core import feedback, prompts
 from fire_core.checker import extract_answer
 from fire_core.client import Endpoint, Tally, Unusable, chat_many, image_data_url, run_async
 
+
 @dataclass
 class Annotation:
     reason: str
