@@ -34,7 +34,7 @@ PLAN = $(PY) -m fire_core.pipeline plan --results-root $(abspath $(RESULTS_ROOT)
 
 # Stages in pipeline order; each depends on the one before it. Adding a stage means adding a
 # notebook named <stage>.ipynb and its name here.
-STAGES := 00_build_world 01_train_base_vlm 02_generate_fire100k 03_train_teacher 04_train_student 05_simulate_fire1m 06_fire_bench
+STAGES := 00_build_world 01_train_base_vlm 02_generate_fire100k 03_train_teacher 04_train_student 05_simulate_fire1m 06_fire_bench 07_train_dress
 
 # Keep every cache and runtime file inside the repository, and never reach a model hub.
 export HF_HUB_OFFLINE := 1

@@ -40,7 +40,7 @@ SCALES = ["smoke", "default", "paper"]
 # The pipeline in order; each stage reads the outputs of the ones before it (the Makefile has
 # the same list).
 STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_train_teacher", "04_train_student",
-          "05_simulate_fire1m", "06_fire_bench"]
+          "05_simulate_fire1m", "06_fire_bench", "07_train_dress"]
 # The config keys each stage's outputs depend on (a section name stands for all of its keys).
 # A stage's identity is the hash of these values and of the identity of the stage before it, so
 # an override reruns the stages that read it and every stage after them, never the ones before.
@@ -54,6 +54,7 @@ STAGE_KEYS: dict[str, list[str]] = {
     "03_train_teacher": [*_TRAINING_KEYS, "annotator"],
     "04_train_student": [*_TRAINING_KEYS, "annotator", "bench.n_bootstrap", "bench.ci"],
     "05_simulate_fire1m": [*_TRAINING_KEYS, "annotator", "bench.n_bootstrap", "bench.ci"],
+    "06_fire_bench": [*_TRAINING_KEYS, "annotator", "bench"],
 }
 
 
@@ -355,6 +356,39 @@ class BenchConfig:
 
 
 @dataclass
+class DressConfig:
+    # stage 07 (DRESS): feedback data, conditional training and its evaluation
+    feedback_per_family: int = 100  # feedback-set samples per seen family: train rows no earlier stage used
+    max_turns: int = 4  # turns of a trajectory, the reference turn included (DRESS: 4)
+    chunk: int = 64  # trajectories generated and stored together (the unit a rerun resumes)
+    caption_lambda: float = 1.0  # the captioning regulariser's weight: describe-the-image chats per DRESS chat
+    variants: list[str] = field(default_factory=lambda: ["dress", "no_critique", "no_refinement", "no_regulariser"])
+    eval_per_family: int = 20  # test and unseen samples per family for every DRESS evaluation
+    eval_turns: int = 4  # turns of the multi-turn interaction evaluation (DRESS figure 3)
+
+    def __post_init__(self) -> None:
+        _check(self.feedback_per_family >= 1, "dress.feedback_per_family", f"must be >= 1, got {self.feedback_per_family}")
+        _check(self.max_turns >= 2, "dress.max_turns",
+               f"must be >= 2 (one model turn and the reference), got {self.max_turns}")
+        _check(self.chunk >= 1, "dress.chunk", f"must be >= 1, got {self.chunk}")
+        _check(self.caption_lambda >= 0, "dress.caption_lambda", f"must be >= 0, got {self.caption_lambda}")
+        unknown = [v for v in self.variants if v not in DRESS_VARIANTS]
+        _check(not unknown and "dress" in self.variants, "dress.variants",
+               f"must include 'dress' and only name {list(DRESS_VARIANTS)}, got {self.variants}")
+        _check(self.eval_per_family >= 1, "dress.eval_per_family", f"must be >= 1, got {self.eval_per_family}")
+        _check(self.eval_turns >= 1, "dress.eval_turns", f"must be >= 1, got {self.eval_turns}")
+
+
+# DRESS and its ablations (DRESS table 6): what each keeps of the feedback in its training data
+DRESS_VARIANTS = {
+    "dress": {"critique": True, "refinement": True, "regulariser": True},
+    "no_critique": {"critique": False, "refinement": True, "regulariser": True},  # the rating word alone
+    "no_refinement": {"critique": True, "refinement": False, "regulariser": True},  # single-turn data only
+    "no_regulariser": {"critique": True, "refinement": True, "regulariser": False},  # no captioning loss
+}
+
+
+@dataclass
 class FireConfig:
     stage: str = "???"  # set by each notebook's primary config
     scale: str = "default"  # set by the scale group
@@ -367,6 +401,7 @@ class FireConfig:
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    dress: DressConfig = field(default_factory=DressConfig)
 
     def __post_init__(self) -> None:
         _check(self.scale in SCALES, "scale", f"must be one of {SCALES}, got '{self.scale}'")

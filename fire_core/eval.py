@@ -26,20 +26,42 @@ from fire_core import checker, feedback, models, prompts
 from fire_core.files import jsonl_lines
 from fire_core.metrics import free_metrics, text_metrics, truth_metrics
 
+PROMPTS = ("base", "student", "dress")
+
+
+def single_turn(question: str, prompt: str) -> list[dict[str, Any]]:
+    """The chat that asks ``question`` once: 'base' (the base VLM's chat), 'student' (a FIRE
+    student's first turn) or 'dress' (a DRESS model under the best condition)."""
+    if prompt == "base":
+        return prompts.base_messages([(question, "")])[:-1]
+    if prompt == "student":
+        return prompts.student_prompt(question, [])
+    if prompt == "dress":
+        return prompts.dress_prompt(question, [])
+    raise ValueError(f"prompt must be one of {PROMPTS}, got '{prompt}'")
+
+
+def ask(model, processor, questions: Sequence[str], images: Sequence[Any], prompt: str = "base",
+        max_new_tokens: int = 64, batch_size: int = 32, desc: str = "answering") -> list[str]:
+    """Greedy single-turn answers to any questions about the images, in batches."""
+    convs = [single_turn(q, prompt) for q in questions]
+    out: list[str] = []
+    for start in tqdm(range(0, len(convs), batch_size), desc=desc, unit="batch"):
+        out += models.generate(model, processor, convs[start:start + batch_size], images[start:start + batch_size],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return out
+
 
 def qa_predictions(model, processor, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
                    batch_size: int = 32, desc: str = "answering", prompt: str = "base") -> list[dict[str, Any]]:
     """Greedy single-turn answers for world records, judged by the answer checker. ``prompt``
-    is 'base' (the base VLM's chat) or 'student' (a student's first turn)."""
-    if prompt not in ("base", "student"):
-        raise ValueError(f"prompt must be 'base' or 'student', got '{prompt}'")
+    as in :func:`single_turn`."""
+    single_turn("", prompt)  # an unknown prompt fails before any work
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch"):
         chunk = records[start:start + batch_size]
-        convs = [prompts.base_messages([(r["question"], "")])[:-1] if prompt == "base"
-                 else prompts.student_prompt(r["question"], []) for r in chunk]
-        preds = models.generate(model, processor, convs, [r["image"] for r in chunk],
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+        preds = models.generate(model, processor, [single_turn(r["question"], prompt) for r in chunk],
+                                [r["image"] for r in chunk], max_new_tokens=max_new_tokens, batch_size=batch_size)
         for r, p in zip(chunk, preds, strict=True):
             out.append({"id": r["id"], "split": r["split"], "family": r["family"], "question": r["question"],
                         "answer": r["answer"], "prediction": p,

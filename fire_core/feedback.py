@@ -154,7 +154,7 @@ def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -
         g = int(answer)
         if pred_num is None:
             return (f"Your answer does not give a number. Count the {noun} in the image.",
-                    f"Count the {noun} one by one and answer with a number.")
+                    f"Count the {noun} carefully, each of them, and answer with a number.")
         more = "more" if pred_num < g else "fewer"
         return (_pick(rng, ["You counted {p}, but there are {m} {n} than that. Count again carefully.",
                             "The count is off: there are {m} {n} than {p}. Scan the whole image again.",
@@ -181,7 +181,7 @@ def _wrong_feedback(record: dict[str, Any], response: str, rng: random.Random) -
             return ("The result is wrong. Read each bar's value from the grid lines, then compute again.",
                     "Read every bar's height carefully against the grid, then redo the arithmetic.")
         return ("That is not the right bar. Compare the heights of all the bars again.",
-                "Compare the tops of the bars one by one against the grid lines.")
+                "Compare the tops of all the bars against the grid lines, each in turn.")
     if fam == "ocr":
         tgt, got = normalize(answer), normalize(span)
         k = next((i for i, (a, b) in enumerate(zip(tgt, got, strict=False)) if a != b), min(len(tgt), len(got)))

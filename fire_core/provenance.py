@@ -128,6 +128,9 @@ SEED_OFFSETS = {
     "judgement_chats": 3,  # stage 03: the teacher's text-only judgement warm-up
     "refinement_look": 4,  # stage 04: val samples of the first refinement look
     "fire1m_samples": 5,  # stage 05: which unused train samples FIRE-1M simulates
+    "dress_feedback": 6,  # stage 07: which unused train samples form DRESS's feedback set
+    "dress_captions": 7,  # stage 07: the captioning regulariser's questions (the same for every variant)
+    "false_premise": 8,  # stage 07: the false-premise questions of the harmlessness analog
 }
 
 

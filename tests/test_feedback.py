@@ -29,6 +29,9 @@ def test_scores_feedback_and_dress_fields(family):
         assert wrong.rating == feedback.rating_of(wrong.score)
         for text in (wrong.feedback, wrong.refinement):
             assert not feedback.leaks_answer(text, rec["answer"], family, rec["question"]), (text, rec["answer"])
+        silent = feedback.judge(rec, "I cannot tell from the image.", rng=rng)  # no answer at all
+        for text in (silent.feedback, silent.refinement):  # (a count of 1 once leaked as "one by one")
+            assert not feedback.leaks_answer(text, rec["answer"], family, rec["question"]), (text, rec["answer"])
         again = feedback.judge(rec, wrong_text, history=[wrong_text], rng=rng)  # the "same answer" phrasing
         assert not feedback.leaks_answer(again.feedback, rec["answer"], family, rec["question"]), again.feedback
         for j in (right, wrong):

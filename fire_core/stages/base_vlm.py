@@ -56,10 +56,13 @@ def run(cfg: FireConfig) -> BaseResult:
             model, processor = models.load_pretrained(cfg.model)
             (model_dir / "PRETRAINED").parent.mkdir(parents=True, exist_ok=True)
             (model_dir / "PRETRAINED").write_text(cfg.model.pretrained_id + "\n")
+            provenance.write_json_atomic(run.dir / "train_ids.json", [])  # trained elsewhere, on none of ours
         else:
             rng = random.Random(cfg.seed)
             train_rows = ds["train"].select(select_per_family(ds["train"], cfg.world.seen_families,
                                                               cfg.train.max_per_family, cfg.seed))
+            # which train rows the base VLM saw: later stages (DRESS's feedback set) must not reuse them
+            provenance.write_json_atomic(run.dir / "train_ids.json", sorted(train_rows["id"]))
             tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
             processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
             torch.manual_seed(cfg.seed)  # the random initial weights
