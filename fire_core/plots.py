@@ -41,8 +41,12 @@ def save(fig: Figure, stem: Path, sources: list[Path], cfg: FireConfig, dpi: int
          close: bool = True) -> list[Path]:
     """Write ``stem.png``, ``stem.pdf`` and the ``stem.json`` sidecar; return the figure paths."""
     stem = Path(stem)
+    png, pdf, side = stem.with_suffix(".png"), stem.with_suffix(".pdf"), stem.with_suffix(".json")
+    clash = [s for s in sources if Path(s).absolute() in {png.absolute(), pdf.absolute(), side.absolute()}]
+    if clash:
+        raise ValueError(f"figure {stem.name}: its own files would overwrite its source {clash[0]}; give the data "
+                         "file another name")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
     fig.savefig(png, dpi=dpi, metadata=_PNG_META, bbox_inches="tight")
     fig.savefig(pdf, metadata=_PDF_META, bbox_inches="tight")
     root = cfg.run_dir().parent
@@ -55,7 +59,7 @@ def save(fig: Figure, stem: Path, sources: list[Path], cfg: FireConfig, dpi: int
         "overrides": [o for o in cfg.overrides if not o.startswith("paths.")],
         "git_commit": git_state()["commit"],
     }
-    write_json_atomic(stem.with_suffix(".json"), sidecar)
+    write_json_atomic(side, sidecar)
     if close:
         plt.close(fig)
     return [png, pdf]

@@ -132,7 +132,7 @@ def test_the_table_is_what_the_raw_files_say(smoke_root):
         for key in ("accuracy_seen", "helpfulness_seen", "CHAIR_i", "premise_safe", "score_t4_oracle"):
             assert table.loc[name, f"{key}_lo"] - 1e-9 <= table.loc[name, key] <= table.loc[name, f"{key}_hi"] + 1e-9
         assert 1 <= table.loc[name, "helpfulness_seen"] <= 10
-    curves = json.loads((d / "score_curves.json").read_text())
+    curves = json.loads((d / "multi_turn_scores.json").read_text())
     assert set(curves) == {f"{p}/{m}" for p in ("oracle", "teacher") for m in MODELS}
     assert all(c["turn"] == [1, 2, 3, 4] for c in curves.values())
     dialogues = _jsonl(d / "eval_dialogues.jsonl")

@@ -88,3 +88,13 @@ def test_figures_are_byte_reproducible_with_a_sidecar(cfg, tmp_path):
     side = json.loads((tmp_path / "fig0.json").read_text())
     assert side["seed"] == 5 and side["stage"] == "00_build_world"
     assert list(side["sources"].values()) == [provenance.sha256_file(src)]
+
+
+def test_a_figure_never_overwrites_its_own_source(cfg, tmp_path):
+    data = tmp_path / "curves.json"  # a data file named like the figure's sidecar
+    data.write_text('{"turn": [1, 2]}')
+    fig, ax = plt.subplots()
+    with pytest.raises(ValueError, match="overwrite its source"):
+        plots.save(fig, tmp_path / "curves", sources=[data], cfg=cfg)
+    assert data.read_text() == '{"turn": [1, 2]}' and not (tmp_path / "curves.png").exists()
+    plt.close(fig)

@@ -343,7 +343,7 @@ def run(cfg: FireConfig) -> DressResult:
                                    **metrics.paired_difference(a, bb, b.n_bootstrap, b.ci, cfg.seed)})
         paired = pd.DataFrame(paired)
         paired.to_csv(run.dir / "paired_accuracy.csv", index=False, float_format="%.4f")
-        provenance.write_json_atomic(run.dir / "score_curves.json", curves)
+        provenance.write_json_atomic(run.dir / "multi_turn_scores.json", curves)
         # figures: multi-turn curves (DRESS figure 3) and the training losses
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
         for ax, prov in zip(axes, ("oracle", "teacher"), strict=True):
@@ -355,7 +355,7 @@ def run(cfg: FireConfig) -> DressResult:
         axes[0].set_ylabel("mean score")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        plots.save(fig, run.dir / "score_curves", sources=[run.dir / "score_curves.json"], cfg=cfg)
+        plots.save(fig, run.dir / "score_curves", sources=[run.dir / "multi_turn_scores.json"], cfg=cfg)
         loss_rows = [{"model": n, "step": s, "loss": v} for n, (_, _, info) in trained.items() for s, v in info["losses"]]
         pd.DataFrame(loss_rows).to_csv(run.dir / "loss.csv", index=False)
         fig, ax = plt.subplots(figsize=(5, 3))

@@ -148,7 +148,7 @@ def run(cfg: FireConfig) -> BenchResult:
         free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")
         paired.to_csv(run.dir / "paired_differences.csv", index=False, float_format="%.4f")
         per_family.to_csv(run.dir / "free_dialogue_per_family.csv", index=False, float_format="%.4f")
-        provenance.write_json_atomic(run.dir / "solved_by_turn.json", curves)
+        provenance.write_json_atomic(run.dir / "solved_by_turn_curves.json", curves)
         # figures: per-turn curves, and example dialogues
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
         turns = list(range(1, d.max_turns + 1))
@@ -160,7 +160,7 @@ def run(cfg: FireConfig) -> BenchResult:
         axes[0].set_ylabel("share of dialogues")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        plots.save(fig, run.dir / "solved_by_turn", sources=[run.dir / "free_dialogue.csv", run.dir / "solved_by_turn.json"],
+        plots.save(fig, run.dir / "solved_by_turn", sources=[run.dir / "free_dialogue.csv", run.dir / "solved_by_turn_curves.json"],
                    cfg=cfg)
         examples = pick_examples(free_records, 3)
         _example_figure(examples, images, run.dir / "example_dialogues", cfg)
