@@ -51,7 +51,7 @@ export MKL_CBWR := AUTO,STRICT
 export MKL_DYNAMIC := FALSE
 export OMP_DYNAMIC := FALSE
 
-.PHONY: help env plan reproduce smoke stage test test-fast lint bench clean clean-all
+.PHONY: help env plan reproduce smoke stage test test-fast lint bench audit clean clean-all
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -111,6 +111,9 @@ lint: $(ENV_STAMP) ## ruff over the package, tests and notebooks
 
 bench: $(ENV_STAMP) ## Benchmarks; JSON under results/bench/
 	$(PY) -m fire_core.bench
+
+audit: $(ENV_STAMP) ## Check one run: hashes, figure sources, commits, numbers recomputed (STRICT=1: warnings fail)
+	$(PY) -m fire_core.audit $(RESULTS) $(if $(STRICT),--strict)
 
 clean: ## Remove the results of one run (SCALE, OVERRIDES or RUN name it)
 	rm -rf $(RESULTS)

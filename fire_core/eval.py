@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fire_core import checker, feedback, models, prompts
 from fire_core.files import jsonl_lines
-from fire_core.metrics import free_metrics, text_metrics, truth_metrics
+from fire_core.metrics import chair, free_metrics, text_metrics, truth_metrics
 
 PROMPTS = ("base", "student", "dress")
 
@@ -255,6 +255,38 @@ def read_texts(path: str, many: bool) -> dict[str, Any]:
     return out
 
 
+def read_accuracy(path: str) -> dict[str, Any]:
+    """Accuracy of a predictions file, every line judged again by the answer checker."""
+    right = []
+    for n, obj in _jsonl(path):
+        for key in ("family", "prediction", "answer"):
+            if not isinstance(obj.get(key), str):
+                raise InputError(f"{path}: line {n}: '{key}' must be a string")
+        try:
+            right.append(checker.is_correct(obj["family"], obj["prediction"], obj["answer"]))
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"{path}: line {n}: {exc}") from exc
+    if not right:
+        raise InputError(f"{path}: no predictions")
+    return {"accuracy": sum(right) / len(right), "n": len(right)}
+
+
+def read_chair(path: str) -> dict[str, Any]:
+    """CHAIR of a captions file (point values; the stage tables carry the intervals)."""
+    caps, objs = [], []
+    for n, obj in _jsonl(path):
+        if not isinstance(obj.get("caption"), str):
+            raise InputError(f"{path}: line {n}: 'caption' must be a string")
+        if not isinstance(obj.get("objects"), list) or not all(isinstance(o, str) for o in obj["objects"]):
+            raise InputError(f"{path}: line {n}: 'objects' must be a list of object names")
+        caps.append(obj["caption"])
+        objs.append(obj["objects"])
+    if not caps:
+        raise InputError(f"{path}: no captions")
+    out = chair(caps, objs, n_bootstrap=1)
+    return {k: out[k] for k in ("CHAIR_i", "CHAIR_s", "mentions", "hallucinated", "n")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
@@ -266,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--dialogues", required=True, help='JSONL: {"id": ..., "scores": [...], "correct": [...]}')
     f.add_argument("--threshold", type=float, default=8)
     f.add_argument("--max-turns", type=int, default=5)
+    a = sub.add_parser("accuracy", help="answer accuracy, each prediction judged again by the answer checker")
+    a.add_argument("--predictions", required=True,
+                   help='JSONL: {"id": ..., "family": ..., "prediction": ..., "answer": ...}')
+    c = sub.add_parser("chair", help="CHAIR_i and CHAIR_s of captions against their images' objects")
+    c.add_argument("--captions", required=True, help='JSONL: {"id": ..., "caption": ..., "objects": ["star", ...]}')
     t = sub.add_parser("text", help="BLEU_1..4, CIDEr, METEOR, ROUGE_L")
     t.add_argument("--predictions", required=True, help='JSONL: {"id": ..., "text": ...}')
     t.add_argument("--references", required=True, help="JSONL, same form; several lines may share an id")
@@ -278,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = free_metrics(scores, args.threshold, args.max_turns)
             if correct is not None:
                 out.update(truth_metrics(correct, args.max_turns))
+        elif args.cmd == "accuracy":
+            out = read_accuracy(args.predictions)
+        elif args.cmd == "chair":
+            out = read_chair(args.captions)
         else:
             preds = read_texts(args.predictions, many=False)
             refs = read_texts(args.references, many=True)

@@ -122,6 +122,37 @@ def test_cli_text(tmp_path):
     assert r.returncode == 2 and "cannot read" in r.stderr
 
 
+def test_cli_accuracy_judges_each_prediction_again(tmp_path):
+    f = _write(tmp_path / "p.jsonl", [
+        {"id": 1, "family": "color", "prediction": "The star is red. The answer is red.", "answer": "red",
+         "correct": False},  # the stored verdict is not trusted: the checker decides
+        {"id": 2, "family": "count", "prediction": "The answer is 4.", "answer": "5"},
+        {"id": 3, "family": "choice", "prediction": "That is option B. The answer is B.", "answer": "B"}])
+    r = _cli("accuracy", "--predictions", f)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    bad = _write(tmp_path / "bad.jsonl", [{"id": 1, "family": "color", "answer": "red"}])
+    r = _cli("accuracy", "--predictions", bad)
+    assert r.returncode == 2 and "line 1: 'prediction' must be a string" in r.stderr
+    bad = _write(tmp_path / "fam.jsonl", [{"id": 1, "family": "poetry", "prediction": "x", "answer": "y"}])
+    r = _cli("accuracy", "--predictions", bad)
+    assert r.returncode == 2 and "line 1:" in r.stderr
+
+
+def test_cli_chair(tmp_path):
+    f = _write(tmp_path / "c.jsonl", [
+        {"id": 1, "caption": "A red star and a blue circle.", "objects": ["star", "square"]},  # circle: hallucinated
+        {"id": 2, "caption": "Two triangles.", "objects": ["triangle"]}])
+    r = _cli("chair", "--captions", f)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["CHAIR_i"] == pytest.approx(1 / 3) and out["CHAIR_s"] == pytest.approx(0.5)
+    assert out["mentions"] == 3 and out["hallucinated"] == 1 and out["n"] == 2
+    bad = _write(tmp_path / "bad.jsonl", [{"id": 1, "caption": "A star.", "objects": "star"}])
+    r = _cli("chair", "--captions", bad)
+    assert r.returncode == 2 and "line 1: 'objects' must be a list" in r.stderr
+
+
 def _records(score_lists, correct_lists):
     return [{"id": str(i), "task": "count", "turns": [{"score": s, "correct": c} for s, c in zip(ss, cs, strict=True)]}
             for i, (ss, cs) in enumerate(zip(score_lists, correct_lists, strict=True))]
