@@ -34,7 +34,7 @@ PLAN = $(PY) -m fire_core.pipeline plan --results-root $(abspath $(RESULTS_ROOT)
 
 # Stages in pipeline order; each depends on the one before it. Adding a stage means adding a
 # notebook named <stage>.ipynb and its name here.
-STAGES := 00_build_world 01_train_base_vlm 02_generate_fire100k 03_train_teacher 04_train_student 05_simulate_fire1m 06_fire_bench 07_train_dress
+STAGES := 00_build_world 01_train_base_vlm 02_generate_fire100k 03_train_teacher 04_train_student 05_simulate_fire1m 06_fire_bench 07_train_dress 08_make_figures
 
 # Keep every cache and runtime file inside the repository, and never reach a model hub.
 export HF_HUB_OFFLINE := 1
@@ -51,7 +51,7 @@ export MKL_CBWR := AUTO,STRICT
 export MKL_DYNAMIC := FALSE
 export OMP_DYNAMIC := FALSE
 
-.PHONY: help env plan reproduce smoke stage test test-fast lint bench audit clean clean-all
+.PHONY: help env plan reproduce smoke stage test test-fast lint bench audit report report-check figures clean clean-all
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -88,9 +88,10 @@ plan: $(ENV_STAMP) ## Show which stages are done, reused, stale or to run (marks
 	$(PLAN) --upto $(if $(STAGE),$(STAGE),$(lastword $(STAGES)))
 
 # make stats DONE files only after the plan has run, so the plan and the stages run in two steps
-reproduce: $(ENV_STAMP) ## Run every stage at SCALE (default: default); reruns stale stages
+reproduce: $(ENV_STAMP) ## Run every stage at SCALE (default: default); reruns stale stages; then the report
 	$(PLAN)
 	$(MAKE) --no-print-directory $(RESULTS)/$(lastword $(STAGES))/DONE RUN=$(RUN)
+	$(PY) -m fire_core.report $(RESULTS)
 
 smoke: ## Run every stage at SCALE=smoke
 	$(MAKE) reproduce SCALE=smoke
@@ -114,6 +115,16 @@ bench: $(ENV_STAMP) ## Benchmarks; JSON under results/bench/
 
 audit: $(ENV_STAMP) ## Check one run: hashes, figure sources, commits, numbers recomputed (STRICT=1: warnings fail)
 	$(PY) -m fire_core.audit $(RESULTS) $(if $(STRICT),--strict)
+
+report: $(ENV_STAMP) ## Write $(RESULTS)/report/index.html from the run's results (opens from disk)
+	$(PY) -m fire_core.report $(RESULTS)
+
+report-check: $(ENV_STAMP) ## The report, then check its links and images (rendered in headless Chromium where installed)
+	$(PY) -m fire_core.report $(RESULTS) --check
+
+figures: $(ENV_STAMP) ## Stage 08 alone on existing results (figures and tables), then the report
+	$(MAKE) --no-print-directory stage STAGE=08_make_figures
+	$(PY) -m fire_core.report $(RESULTS)
 
 clean: ## Remove the results of one run (SCALE, OVERRIDES or RUN name it)
 	rm -rf $(RESULTS)

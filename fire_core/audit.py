@@ -81,7 +81,8 @@ def _locate(recorded: str, run: Path) -> Path | None:
     for k, part in enumerate(parts):
         if part in config.STAGES:
             return run.joinpath(*parts[k:])
-    return None
+    repo_file = config.REPO_ROOT / recorded  # a file of the repository (stage 08 reads conf/papers.yaml)
+    return repo_file if not Path(recorded).is_absolute() and repo_file.exists() else None
 
 
 def check_inputs(stage: Path, manifest: dict[str, Any], run: Path) -> Iterator[Check]:

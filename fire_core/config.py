@@ -40,7 +40,7 @@ SCALES = ["smoke", "default", "paper"]
 # The pipeline in order; each stage reads the outputs of the ones before it (the Makefile has
 # the same list).
 STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_train_teacher", "04_train_student",
-          "05_simulate_fire1m", "06_fire_bench", "07_train_dress"]
+          "05_simulate_fire1m", "06_fire_bench", "07_train_dress", "08_make_figures"]
 # The config keys each stage's outputs depend on (a section name stands for all of its keys).
 # A stage's identity is the hash of these values and of the identity of the stage before it, so
 # an override reruns the stages that read it and every stage after them, never the ones before.
