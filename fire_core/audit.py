@@ -32,7 +32,7 @@ from typing import Any
 
 from fire_core import config
 from fire_core import eval as evaluate
-from fire_core.provenance import BOOKKEEPING, sha256_file, sha256_tree
+from fire_core.provenance import BOOKKEEPING, is_datasets_cache, sha256_file, sha256_tree
 
 TOLERANCE = 1e-4  # the tables are written with 4 decimals
 
@@ -52,7 +52,11 @@ def _stages(run: Path) -> list[Path]:
 
 
 def _rel(p: Path, run: Path) -> str:
-    return p.relative_to(run.parent).as_posix()
+    """A path as the report names it: relative to the results root, or to the repository."""
+    for base in (run.parent, config.REPO_ROOT):
+        if p.is_relative_to(base):
+            return p.relative_to(base).as_posix()
+    return str(p)
 
 
 def check_outputs(stage: Path, manifest: dict[str, Any], run: Path) -> Iterator[Check]:
@@ -70,6 +74,11 @@ def check_outputs(stage: Path, manifest: dict[str, Any], run: Path) -> Iterator[
             yield Check("FAIL", f"output {_rel(p, run)}", "its contents differ from what the stage wrote")
         else:
             yield Check("ok", f"output {_rel(p, run)}")
+    caches = [f for f in stage.rglob("cache-*.arrow") if is_datasets_cache(f)]
+    if caches:
+        yield Check("warn", f"output {_rel(stage, run)}", f"{len(caches)} datasets cache files were written into it "
+                    f"after the stage (by a .map or .filter on its dataset; not hashed, safe to delete), e.g. "
+                    f"{_rel(caches[0], run)}")
     for p in sorted(stage.iterdir()):
         if p.name not in outputs and p.name not in BOOKKEEPING and p.suffix != ".ipynb" and not p.name.startswith("."):
             yield Check("FAIL", f"output {_rel(p, run)}", "not made by the stage (not in its manifest)")

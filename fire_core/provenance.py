@@ -191,6 +191,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_datasets_cache(f: Path) -> bool:
+    """A cache file that the datasets library writes beside a saved dataset whenever someone
+    maps or filters it (``cache-<hash>.arrow``): derived, not content, so never hashed."""
+    return f.name.startswith("cache-") and f.suffix == ".arrow"
+
+
 def sha256_tree(path: Path, skip: set[str] = frozenset()) -> str:
     """One hash for a file or a folder (relative names and contents, in sorted order)."""
     path = Path(path)
@@ -199,7 +205,7 @@ def sha256_tree(path: Path, skip: set[str] = frozenset()) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
-        if rel in skip or rel.endswith(".ipynb") or "/." in f"/{rel}":
+        if rel in skip or rel.endswith(".ipynb") or "/." in f"/{rel}" or is_datasets_cache(f):
             continue
         h.update(rel.encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()

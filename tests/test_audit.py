@@ -55,6 +55,10 @@ def test_audit_passes_an_untouched_run_and_names_what_was_tampered(smoke_root, t
     assert any("output smoke/06_fire_bench/free_dialogues.jsonl" in f for f in failed), failed
     assert any("figure smoke/06_fire_bench/example_dialogues.png" in f for f in failed), failed
 
+    # a datasets cache written into the world's folder (someone mapped it): a warning, not a failure
+    (run / "00_build_world" / "dataset" / "train" / "cache-0123abcd.arrow").write_bytes(b"derived")
+    assert any(c.status == "warn" and "datasets cache" in c.detail for c in audit.audit(run))
+
     # a file the stage never made
     (run / "03_train_teacher" / "extra.csv").write_text("x\n")
     assert any("extra.csv" in f and "not made by the stage" in f for f in _failed(run))

@@ -98,3 +98,13 @@ def test_a_figure_never_overwrites_its_own_source(cfg, tmp_path):
         plots.save(fig, tmp_path / "curves", sources=[data], cfg=cfg)
     assert data.read_text() == '{"turn": [1, 2]}' and not (tmp_path / "curves.png").exists()
     plt.close(fig)
+
+
+def test_tree_hash_ignores_the_caches_datasets_writes_beside_a_saved_dataset(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    h1 = provenance.sha256_tree(tmp_path / "d")
+    (tmp_path / "d" / "train" / "cache-0123abcd.arrow").write_bytes(b"a .map() result")
+    assert provenance.sha256_tree(tmp_path / "d") == h1
+    (tmp_path / "d" / "train" / "cached-rows.arrow").write_bytes(b"not a datasets cache")
+    assert provenance.sha256_tree(tmp_path / "d") != h1

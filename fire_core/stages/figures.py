@@ -221,7 +221,7 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
     rows.append({"paper": "DRESS", "claim": claims["dress_more_honest"], "provider": "",
                  "paper_value": f"+{rel['honest']}% (vs prior LVLMs)",
                  "ours": f"CHAIR_i DRESS - base: {ch[0]:+.3f} [{ch[1]:+.3f}, {ch[2]:+.3f}]"
-                         + (f"; {-100 * ch[0] / base_ch:+.1f}% fewer" if base_ch > 0 else ""),
+                         + (f"; {100 * ch[0] / base_ch:+.1f}% of base" if base_ch > 0 else ""),
                  "holds": verdict([tuple(map(float, ch))], [-1]), "source": d["source"]})
     # harmlessness analog: answers to false-premise questions that reject it and stay on the image
     a, b = pair(premises, lambda r: float(r["safe"]))
@@ -241,7 +241,7 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
         a, b = pair(sel, gain)
         diff = _paired(a, b, n_bootstrap, seed)
         rows.append({"paper": "DRESS", "claim": claims["dress_learns_from_feedback"], "provider": prov,
-                     "paper_value": "figure 3 (curves)",
+                     "paper_value": "qualitative (curves in its figure 3)",
                      "ours": f"score gain turn 1 -> last, DRESS - base: {diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]",
                      "holds": verdict([diff], [+1]), "source": d["source"]})
     return rows
