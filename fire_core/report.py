@@ -67,9 +67,18 @@ def _notebook_html(stage_dir: Path, out: Path) -> str | None:
 
 
 def _table(csv: Path) -> str:
+    """A results table as HTML. The paper-vs-ours table shows the findings first and names its
+    sources once, below it."""
     import pandas as pd
 
-    return pd.read_csv(csv).to_html(index=False, na_rep="", escape=True, border=0)
+    df = pd.read_csv(csv, keep_default_na=False)
+    note = ""
+    if "source" in df.columns:
+        if "holds" in df.columns:
+            df = pd.concat([df[df.holds != ""], df[df.holds == ""]], ignore_index=True)
+        note = "<p class='meta'>Sources: " + "; ".join(html.escape(s) for s in dict.fromkeys(df.source)) + "</p>"
+        df = df.drop(columns="source")
+    return df.to_html(index=False, na_rep="", escape=True, border=0) + note
 
 
 def build(run: Path) -> Path:
