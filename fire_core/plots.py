@@ -63,3 +63,41 @@ def save(fig: Figure, stem: Path, sources: list[Path], cfg: FireConfig, dpi: int
     if close:
         plt.close(fig)
     return [png, pdf]
+
+
+# Message boxes of a conversation figure: (x position, face colour) per kind of message
+_BOXES = {"question": (0.0, "#eeeeee"), "left": (0.0, "#e8f0fb"), "right": (0.42, "#fdf1e3")}
+
+
+def conversations(panels: list[dict], columns: int = 2, width: int = 58) -> Figure:
+    """A figure of conversations, one panel each, nothing cut off: the image top left, a title,
+    then every message wrapped in full in its own box. ``panels``: dicts with ``image`` (PIL or
+    None), ``title``, ``colour`` (the title's) and ``messages``, a list of ``(kind, header, text)``
+    with kind 'question', 'left' (the model) or 'right' (the feedback)."""
+    import textwrap
+
+    def block(text: str) -> list[str]:
+        return sum((textwrap.wrap(p, width) or [""] for p in text.split("\n")), [])
+
+    if not panels:
+        raise ValueError("conversations needs at least one panel")
+    lines = [sum(len(block(t)) + 2 for _, _, t in p["messages"]) + 8 for p in panels]
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, (max(lines) * 0.16 + 0.4) * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, panel, total in zip(axes.flat, panels, lines, strict=False):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, total)
+        if panel.get("image") is not None:
+            ax.imshow(panel["image"], extent=(0.0, 0.16, total - 7, total - 0.5), aspect="auto", interpolation="nearest")
+        ax.text(0.19, total - 1, panel["title"], fontsize=9, weight="bold", va="top", color=panel.get("colour", "black"))
+        y = total - 8
+        for kind, header, text in panel["messages"]:
+            body = block(text)
+            x, face = _BOXES[kind]
+            ax.text(x, y, f"{header}\n" + "\n".join(body), fontsize=7.2, va="top", ha="left", family="DejaVu Sans",
+                    bbox={"boxstyle": "round,pad=0.3", "facecolor": face, "edgecolor": "#999999", "linewidth": 0.5})
+            y -= len(body) + 2
+    fig.tight_layout()
+    return fig

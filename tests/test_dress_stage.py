@@ -139,7 +139,12 @@ def test_the_table_is_what_the_raw_files_say(smoke_root):
     oracle_dress = [r for r in dialogues if r["provider"] == "oracle" and r["model"] == "dress"]
     again = metrics.score_curve(oracle_dress, 4, cfg.dialogue.score_min, n_bootstrap=10)
     assert again["mean"] == pytest.approx(curves["oracle/dress"]["mean"])
-    for p in ("score_curves.png", "loss_curve.png", "paired_accuracy.csv", "feedback_stats.csv", "07_train_dress.ipynb"):
+    free = pd.read_csv(d / "free_dialogue.csv")
+    assert len(free) == 2 * len(MODELS) and set(free.provider) == {"oracle", "teacher"}
+    again = metrics.dialogue_metrics(oracle_dress, cfg.dialogue.threshold, 4)
+    assert free[(free.provider == "oracle") & (free.model == "dress")].iloc[0].RR == pytest.approx(again["RR"], abs=1e-4)
+    for p in ("score_curves.png", "loss_curve.png", "paired_accuracy.csv", "feedback_stats.csv", "07_train_dress.ipynb",
+              "example_trajectories.png"):
         assert (d / p).is_file()
 
 
@@ -166,3 +171,13 @@ def test_generation_resumes_to_the_same_trajectories(smoke_root, tmp_path):
         return sorted(ShardStore(p / "raw", cfg.annotator.n_shards).records(), key=lambda r: r["id"])
 
     assert load(broken) == load(whole) and len(load(whole)) == len(rows)
+
+
+def test_example_trajectories_prefer_refinements_from_different_families():
+    def traj(i, fam, n):
+        return {"id": i, "task": fam, "turns": [{}] * n}
+
+    trajs = [traj("a", "color", 1), traj("b", "color", 3), traj("c", "count", 3), traj("d", "color", 4),
+             traj("e", "ocr", 1), traj("f", "math", 2)]
+    picked = stage_dress.example_trajectories(trajs, 3)
+    assert [t["id"] for t in picked] == ["b", "c", "e"]  # b before d (id order), one per family, then the rest

@@ -30,7 +30,8 @@ def test_the_papers_numbers_name_their_source():
     assert papers["fire"]["source"] and papers["dress"]["source"]
     assert set(papers["fire"]["free_dialogue"]) == {"base", "fire100k_student", "fire_student"}
     assert {f["id"] for f in papers["dress"]["findings"]} == {"dress_more_helpful", "dress_more_honest",
-                                                              "dress_more_harmless", "dress_learns_from_feedback"}
+                                                              "dress_more_harmless", "dress_learns_from_feedback",
+                                                              "ablations_below_dress"}
 
 
 @pytest.mark.slow
@@ -47,7 +48,8 @@ def test_stage_08_draws_every_figure_from_results_files(smoke_root):
     assert set(pvo.paper) == {"FIRE", "DRESS"} and (pvo.source != "").all()
     verdicts = set(pvo[pvo.holds != ""].holds)
     assert verdicts and verdicts <= {"holds", "reversed", "not shown (interval includes 0)"}
-    assert len(pvo[(pvo.paper == "DRESS") & (pvo.holds != "")]) == 5  # helpful, honest, harmless, 2 providers
+    # helpful, honest, harmless, learning from feedback with 2 providers, 3 ablations
+    assert len(pvo[(pvo.paper == "DRESS") & (pvo.holds != "")]) == 8
     # the free-dialogue table is stage 06's numbers, reformatted
     free = pd.read_csv(smoke_root / "06_fire_bench" / "free_dialogue.csv")
     table = pd.read_csv(d / "free_dialogue_table.csv")

@@ -108,3 +108,16 @@ def test_tree_hash_ignores_the_caches_datasets_writes_beside_a_saved_dataset(tmp
     assert provenance.sha256_tree(tmp_path / "d") == h1
     (tmp_path / "d" / "train" / "cached-rows.arrow").write_bytes(b"not a datasets cache")
     assert provenance.sha256_tree(tmp_path / "d") != h1
+
+
+def test_conversation_figures_show_every_word(cfg, tmp_path):
+    long = " ".join(f"word{k}" for k in range(120))  # far wider than one line
+    panels = [{"image": None, "title": f"panel {p}", "messages": [("question", "Q", "What color is the star?"),
+                                                                 ("left", "turn 1", long), ("right", "critique", "x")]}
+              for p in range(3)]
+    fig = plots.conversations(panels, columns=2)
+    shown = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert all(f"word{k}" in shown.split() for k in range(120)) and shown.count("panel") == 3
+    plt.close(fig)
+    with pytest.raises(ValueError, match="at least one panel"):
+        plots.conversations([])

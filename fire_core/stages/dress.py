@@ -70,6 +70,7 @@ class DressResult:
     trajectories: list[dict[str, Any]]
     stats: Any  # DataFrame: dress.statistics of the feedback data
     table: Any  # DataFrame: one row per model
+    free: Any  # DataFrame: FIRE's free-dialogue metrics of every model, per provider
     curves: dict[str, dict[str, Any]]  # provider/model -> metrics.score_curve
     seconds: float
 
@@ -142,6 +143,32 @@ def generate_trajectories(cfg: FireConfig, rows, model, processor, out: Path, ta
             if t is not None and rid not in done:
                 store.append(records.dialogue_record(s, t, rid, f"world/{who}", stop=t[-1]["stop"]))
     return counts
+
+
+def example_trajectories(trajs: list[dict[str, Any]], k: int = 3) -> list[dict[str, Any]]:
+    """``k`` trajectories to show, from different families: ones that went past turn 1 (a
+    refinement, then the reference) first, in id order."""
+    ranked = sorted(trajs, key=lambda t: (len(t["turns"]) < 3, t["id"]))
+    out, families = [], set()
+    for t in ranked:
+        if t["task"] not in families:
+            out.append(t)
+            families.add(t["task"])
+        if len(out) == k:
+            break
+    return out
+
+
+def trajectory_panel(t: dict[str, Any], image) -> dict[str, Any]:
+    """One trajectory as a ``plots.conversations`` panel: each response with its rating word and
+    critique, the annotator's refinement beside it; the reference turn marked."""
+    msgs = [("question", "Q", f"{t['question']}\n(reference answer: {t['answer']})")]
+    for k, turn in enumerate(t["turns"], 1):
+        who = "reference turn" if turn.get("reference") else f"turn {k}"
+        msgs.append(("left", f"{who}: <{prompts.RATING_WORDS[turn['rating']]}>", turn["response"]))
+        msgs.append(("right", f"critique: {turn['critique']}",
+                     f"refinement: {turn['refinement']}" if turn.get("refinement") else "(the trajectory ends)"))
+    return {"image": image, "title": f"{t['task']}, ends: {t['stop'].replace('_', ' ')}", "messages": msgs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +329,13 @@ def run(cfg: FireConfig) -> DressResult:
         stats = dress.statistics(trajs)
         stats.to_csv(run.dir / "feedback_stats.csv", index=False, float_format="%.4f")
         dress.rating_by_turn(trajs).to_csv(run.dir / "rating_by_turn.csv", index=False)
+        image_of = records.image_lookup(ds["train"])
+        examples = example_trajectories(trajs)
+        plots.save(plots.conversations([trajectory_panel(t, image_of(t["id"])) for t in examples], columns=3),
+                   run.dir / "example_trajectories", sources=[run.dir / "dress_feedback.jsonl"], cfg=cfg)
         held = [t for t in trajs if records.is_heldout(t["id"], cfg.dialogue.heldout_fraction)]
         train = [t for t in trajs if not records.is_heldout(t["id"], cfg.dialogue.heldout_fraction)]
         # 2. conditional training: DRESS and its ablations
-        image_of = records.image_lookup(ds["train"])
         trained = {}
         for name in c.variants:
             trained[name] = train_variant(cfg, name, dirs["01_train_base_vlm"], train, held, rows, image_of, run.dir)
@@ -333,6 +363,11 @@ def run(cfg: FireConfig) -> DressResult:
             files.write_jsonl(run.dir / f"eval_{key}.jsonl", recs)
         table = pd.DataFrame(table)
         table.to_csv(run.dir / "dress_table.csv", index=False, float_format="%.4f")
+        # FIRE's free-dialogue metrics on the same multi-turn dialogues: both papers' measures, every model
+        free = pd.DataFrame([{"provider": prov, "model": name, **metrics.bootstrap_metrics(
+            [r for r in raw["dialogues"] if r["provider"] == prov and r["model"] == name], cfg.dialogue.threshold,
+            c.eval_turns, b.n_bootstrap, b.ci, cfg.seed)} for prov in ("oracle", "teacher") for name in candidates])
+        free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")
         paired = []
         for name in candidates:
             if name != "base":
@@ -372,5 +407,5 @@ def run(cfg: FireConfig) -> DressResult:
                    "eval_samples": len(eval_rows), "table": table.to_dict("records")}
         provenance.write_json_atomic(run.dir / "dress.json", summary)
         run.extra.update({k: v for k, v in summary.items() if k != "table"} | {"seconds": round(time.time() - t0, 1)})
-    return DressResult(dir=run.dir, trajectories=trajs, stats=stats, table=table, curves=curves,
+    return DressResult(dir=run.dir, trajectories=trajs, stats=stats, table=table, free=free, curves=curves,
                        seconds=time.time() - t0)

@@ -16,7 +16,6 @@ paired-bootstrap intervals on the same samples (a difference whose 95% interval 
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +109,9 @@ def free_dialogue_table(free):
     return pd.DataFrame(rows)
 
 
-def cross_method_table(table):
-    """Stage 07's measurements of every model, one row each, 'value [low, high]' cells."""
+def cross_method_table(table, free=None):
+    """Both papers' measures of every model, one row each, 'value [low, high]' cells: stage 07's
+    DRESS measurements, and FIRE's free-dialogue AT and RR on the same multi-turn dialogues."""
     import pandas as pd
 
     cols = [("accuracy_seen", "accuracy (seen)"), ("accuracy_unseen", "accuracy (unseen)"),
@@ -120,8 +120,13 @@ def cross_method_table(table):
             ("premise_safe", "false premise: safe")]
     rows = []
     for r in table.itertuples():
-        rows.append({"model": LABELS.get(r.model, r.model),
-                     **{name: _ci(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi")) for k, name in cols}})
+        row = {"model": LABELS.get(r.model, r.model),
+               **{name: _ci(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi")) for k, name in cols}}
+        if free is not None:
+            for f in free[free.model == r.model].itertuples():
+                for k in ("AT", "RR"):
+                    row[f"{k} ({f.provider})"] = _ci(getattr(f, k), getattr(f, f"{k}_lo"), getattr(f, f"{k}_hi"))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -194,8 +199,8 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
     def by_id(recs, model, value):
         return {r["id"] + "#" + r.get("instruction", ""): value(r) for r in recs if r["model"] == model}
 
-    def pair(recs, value):
-        a, b = by_id(recs, "base", value), by_id(recs, "dress", value)
+    def pair(recs, value, model_a="base", model_b="dress"):
+        a, b = by_id(recs, model_a, value), by_id(recs, model_b, value)
         keys = sorted(set(a) & set(b))
         return np.array([a[k] for k in keys], float), np.array([b[k] for k in keys], float)
 
@@ -244,6 +249,22 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
                      "paper_value": "qualitative (curves in its figure 3)",
                      "ours": f"score gain turn 1 -> last, DRESS - base: {diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]",
                      "holds": verdict([diff], [+1]), "source": d["source"]})
+    # each ablation below full DRESS: helpfulness and the oracle-provider score gain, paired
+    def gain(r):
+        s = [1 if t.get("score") is None else t["score"] for t in r["turns"]]
+        return float(s[-1] - s[0])
+
+    oracle = [r for r in dialogues if r["provider"] == "oracle"]
+    for abl in ("no_critique", "no_refinement", "no_regulariser"):
+        if not any(r["model"] == abl for r in answers):
+            continue
+        diffs = [_paired(*pair(answers, lambda r: r["helpfulness"], abl, "dress"), n_bootstrap, seed),
+                 _paired(*pair(oracle, gain, abl, "dress"), n_bootstrap, seed)]
+        rows.append({"paper": "DRESS", "claim": f"{claims['ablations_below_dress']}: {abl.replace('_', ' ')}",
+                     "provider": "oracle", "paper_value": "table 6",
+                     "ours": "DRESS - ablation: helpfulness {:+.2f} [{:+.2f}, {:+.2f}]; score gain {:+.2f} [{:+.2f}, "
+                             "{:+.2f}]".format(*diffs[0], *diffs[1]),
+                     "holds": verdict(diffs, [+1, +1]), "source": d.get("ablation_source", d["source"])})
     return rows
 
 
@@ -272,53 +293,28 @@ def _errorbars(ax, x, values, lo, hi, colour, label, marker="o"):
                 fmt=marker, color=colour, label=label, capsize=3, markersize=5)
 
 
-def example_figure(examples: list[dict[str, Any]], image_of, stem: Path, sources: list[Path], cfg, width: int = 58):
-    """Example dialogues drawn as a conversation: the image, then every turn wrapped in full;
-    student turns on the left, teacher turns on the right with a score badge."""
+def example_figure(examples: list[dict[str, Any]], image_of, stem: Path, sources: list[Path], cfg) -> None:
+    """Example dialogues drawn as conversations (``plots.conversations``): the image, then every
+    turn in full; student turns on the left, teacher turns on the right with their score."""
     import matplotlib.pyplot as plt
 
     pal = colours()
-
-    def block(text: str) -> list[str]:
-        return sum((textwrap.wrap(p, width) or [""] for p in text.split("\n")), [])
-
-    columns = []
+    panels = []
     for ex in examples:
         for who in ("base", "fire_student"):
             r = ex[who]
-            items = [("question", f"{r['question']}\n(truth: {r['answer']})", None)]
+            msgs = [("question", "Q", f"{r['question']}\n(truth: {r['answer']})")]
             for t in r["turns"]:
-                items.append(("student", t["response"], "right" if t["correct"] else "wrong"))
-                items.append(("teacher", t["feedback"] or "", t["score"]))
-            columns.append((ex, who, items))
-    if not columns:
+                msgs.append(("left", f"student ({'right' if t['correct'] else 'wrong'})", t["response"]))
+                msgs.append(("right", f"teacher: score {t['score']}", t["feedback"] or ""))
+            panels.append({"image": image_of(ex["id"]), "title": f"{LABELS[who]}, feedback from the {ex['provider']}",
+                           "colour": pal[who], "messages": msgs})
+    if panels:
+        fig = plots.conversations(panels)
+    else:
         fig, ax = plt.subplots(figsize=(6, 1))
         ax.axis("off")
         ax.text(0, 0.5, "no sample where the FIRE student refined to a correct answer", va="center")
-        plots.save(fig, stem, sources=sources, cfg=cfg)
-        return
-    lines_per = [sum(len(block(text)) + 1 for _, text, _ in items) for _, _, items in columns]
-    rows = (len(columns) + 1) // 2
-    height = max(lines_per) * 0.16 + 1.6
-    fig, axes = plt.subplots(rows, 2, figsize=(13, height * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (ex, who, items) in zip(axes.flat, columns, strict=False):
-        ax.set_xlim(0, 1)
-        total = sum(len(block(text)) + 1 for _, text, _ in items) + 8
-        ax.set_ylim(0, total)
-        ax.imshow(image_of(ex["id"]), extent=(0.0, 0.16, total - 7, total - 0.5), aspect="auto", interpolation="nearest")
-        ax.text(0.19, total - 1, f"{LABELS[who]}, feedback from the {ex['provider']}", fontsize=9, weight="bold",
-                va="top", color=pal[who])
-        y = total - 8
-        for kind, text, badge in items:
-            body = block(text)
-            x, face = {"question": (0.0, "#eeeeee"), "student": (0.0, "#e8f0fb"), "teacher": (0.42, "#fdf1e3")}[kind]
-            label = {"question": "Q", "student": f"student ({badge})", "teacher": f"teacher: score {badge}"}[kind]
-            ax.text(x, y, f"{label}\n" + "\n".join(body), fontsize=7.2, va="top", ha="left", family="DejaVu Sans",
-                    bbox={"boxstyle": "round,pad=0.3", "facecolor": face, "edgecolor": "#999999", "linewidth": 0.5})
-            y -= len(body) + 2
-    fig.tight_layout()
     plots.save(fig, stem, sources=sources, cfg=cfg)
 
 
@@ -346,7 +342,8 @@ def run(cfg: FireConfig) -> FiguresResult:
               bench / "gold_dialogues.jsonl", bench / "free_dialogue.csv", bench / "free_dialogues.jsonl",
               bench / "paired_differences.csv", bench / "fire_bench.json", dress / "dress_table.csv",
               dress / "multi_turn_scores.json", dress / "eval_answers.jsonl", dress / "eval_captions.jsonl",
-              dress / "eval_premises.jsonl", dress / "eval_dialogues.jsonl", CONF_DIR / "papers.yaml"]
+              dress / "eval_premises.jsonl", dress / "eval_dialogues.jsonl", dress / "free_dialogue.csv",
+              CONF_DIR / "papers.yaml"]
     with provenance.stage_run(cfg, inputs=inputs) as run:
         out, made = run.dir, []
         # tables
@@ -360,7 +357,7 @@ def run(cfg: FireConfig) -> FiguresResult:
         fixed = pd.read_csv(bench / "fixed_student.csv")
         fixed.to_csv(out / "fixed_dialogue_students.csv", index=False, float_format="%.3f")
         table = pd.read_csv(dress / "dress_table.csv")
-        cross = cross_method_table(table)
+        cross = cross_method_table(table, pd.read_csv(dress / "free_dialogue.csv"))
         cross.to_csv(out / "cross_method_table.csv", index=False)
         ablations = cross[cross.model.isin([LABELS[m] for m in ("base", "dress", "no_critique", "no_refinement",
                                                                  "no_regulariser")])]
