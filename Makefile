@@ -67,6 +67,10 @@ $(ENV_STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e .
 	$(PY) -m ipykernel install --prefix $(CURDIR)/$(VENV) --name $(KERNEL) --display-name "Python (fire-core)"
+	@# headless Chromium renders the report in make report-check and its test; best effort, never fatal
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+		echo "note: headless Chromium could not be installed (apt-get as root); the report check will only check links"
 	touch $@
 
 # One rule per stage: run the notebook, keep the executed copy beside the stage's outputs.

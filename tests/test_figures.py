@@ -19,7 +19,8 @@ FIGURES = ["dataset_stats", "free_dialogue", "solved_by_turn", "dress_multi_turn
 def test_verdicts():
     assert figures.verdict([(0.3, 0.1, 0.5), (0.2, 0.05, 0.4)], [+1, +1]) == "holds"
     assert figures.verdict([(0.3, 0.1, 0.5), (0.1, -0.1, 0.3)], [+1, +1]) == "not shown (interval includes 0)"
-    assert figures.verdict([(0.3, 0.1, 0.5), (-0.3, -0.5, -0.1)], [+1, +1]) == "reversed"
+    assert figures.verdict([(0.3, 0.1, 0.5), (-0.3, -0.5, -0.1)], [+1, +1]) == "mixed (one measure each way)"
+    assert figures.verdict([(0.1, -0.1, 0.3), (-0.3, -0.5, -0.1)], [+1, +1]) == "reversed"
     assert figures.verdict([(-0.3, -0.5, -0.1)], [-1]) == "holds"  # lower is the paper's direction (AT, CHAIR)
 
 
@@ -47,7 +48,7 @@ def test_stage_08_draws_every_figure_from_results_files(smoke_root):
     pvo = pd.read_csv(d / "paper_vs_ours.csv", keep_default_na=False)
     assert set(pvo.paper) == {"FIRE", "DRESS"} and (pvo.source != "").all()
     verdicts = set(pvo[pvo.holds != ""].holds)
-    assert verdicts and verdicts <= {"holds", "reversed", "not shown (interval includes 0)"}
+    assert verdicts and verdicts <= {"holds", "reversed", "mixed (one measure each way)", "not shown (interval includes 0)"}
     # helpful, honest, harmless, learning from feedback with 2 providers, 3 ablations
     assert len(pvo[(pvo.paper == "DRESS") & (pvo.holds != "")]) == 8
     # the free-dialogue table is stage 06's numbers, reformatted

@@ -143,12 +143,16 @@ def _paired(a: np.ndarray, b: np.ndarray, n: int, seed: int, stat=np.mean) -> tu
 
 
 def verdict(diffs: list[tuple[float, float, float]], better: list[int]) -> str:
-    """'holds' when every difference is in the paper's direction with its interval excluding 0,
-    'reversed' when any is against it with its interval excluding 0, else 'not shown'."""
-    if all((lo > 0) if sign > 0 else (hi < 0) for (_, lo, hi), sign in zip(diffs, better, strict=True)):
+    """'holds' when every difference is in the paper's direction with its interval excluding 0;
+    'reversed' when one is against it (interval excluding 0) and none is for it; 'mixed' when
+    one is each way; else 'not shown'."""
+    pairs = list(zip(diffs, better, strict=True))
+    for_it = [(lo > 0) if sign > 0 else (hi < 0) for (_, lo, hi), sign in pairs]
+    against = [(hi < 0) if sign > 0 else (lo > 0) for (_, lo, hi), sign in pairs]
+    if all(for_it):
         return "holds"
-    if any((hi < 0) if sign > 0 else (lo > 0) for (_, lo, hi), sign in zip(diffs, better, strict=True)):
-        return "reversed"
+    if any(against):
+        return "mixed (one measure each way)" if any(for_it) else "reversed"
     return "not shown (interval includes 0)"
 
 
