@@ -108,7 +108,7 @@ def test_each_variant_trains_on_its_own_data(smoke_root):
 
 @pytest.mark.slow
 def test_the_table_is_what_the_raw_files_say(smoke_root):
-    cfg = config.load("07_train_dress", ["scale=smoke"])
+    cfg = config.load("07_train_dress", ["scale=smoke", f"paths.results={smoke_root.parent}"])
     import pandas as pd
 
     d = smoke_root / "07_train_dress"
