@@ -32,6 +32,7 @@ from typing import Any
 
 from fire_core import config
 from fire_core import eval as evaluate
+from fire_core.files import read_jsonl
 from fire_core.provenance import BOOKKEEPING, is_datasets_cache, sha256_file, sha256_tree
 
 TOLERANCE = 1e-4  # the tables are written with 4 decimals
@@ -157,9 +158,6 @@ def _command(*argv: str) -> dict[str, Any]:
     return json.loads(out.getvalue())
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.open() if line.strip()]
-
 
 def _compare(what: str, table: float, recomputed: float) -> Check:
     if abs(float(table) - float(recomputed)) <= TOLERANCE:
@@ -179,7 +177,7 @@ def check_numbers(run: Path, tmp: Path) -> Iterator[Check]:
     base = run / "01_train_base_vlm"
     if (base / "accuracy.csv").is_file():
         acc = pd.read_csv(base / "accuracy.csv")
-        preds = _jsonl(base / "predictions.jsonl")
+        preds = read_jsonl(base / "predictions.jsonl")
         for row in acc[acc.family == "all"].itertuples():
             sel = [p for p in preds if p["split"] == row.split]
             got = _command("accuracy", "--predictions", _write(tmp, f"01_{row.split}.jsonl", sel))["accuracy"]
@@ -188,7 +186,7 @@ def check_numbers(run: Path, tmp: Path) -> Iterator[Check]:
     if (bench / "free_dialogue.csv").is_file():
         d = json.loads((bench / "manifest.json").read_text())["config"]["dialogue"]
         free = pd.read_csv(bench / "free_dialogue.csv")
-        recs = _jsonl(bench / "free_dialogues.jsonl")
+        recs = read_jsonl(bench / "free_dialogues.jsonl")
         for row in free[free.subset == "all"].itertuples():
             sel = [{"id": r["id"], "scores": [d["score_min"] if t["score"] is None else t["score"] for t in r["turns"]]}
                    for r in recs if r["provider"] == row.provider and r["model"] == row.model]
@@ -207,8 +205,8 @@ def _dress_numbers(run: Path, dress: Path, tmp: Path) -> Iterator[Check]:
     import pandas as pd
 
     table = pd.read_csv(dress / "dress_table.csv")
-    answers = _jsonl(dress / "eval_answers.jsonl")
-    captions = _jsonl(dress / "eval_captions.jsonl")
+    answers = read_jsonl(dress / "eval_answers.jsonl")
+    captions = read_jsonl(dress / "eval_captions.jsonl")
     world = datasets.load_from_disk(str(run / "00_build_world" / "dataset"))
     scenes = {i: json.loads(s) for split in ("test", "unseen") for i, s in zip(world[split]["id"], world[split]["scene"],
                                                                                strict=True)}

@@ -93,3 +93,8 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]], append: bool = Fa
     with open(path, "a" if append else "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path | str) -> list[Any]:
+    """Every record of a JSONL file (``jsonl_lines``' errors)."""
+    return [value for _, value in jsonl_lines(path)]

@@ -184,6 +184,16 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], n_bootstrap: int = 1
     return {"difference": float(y.mean() - x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": len(x)}
 
 
+def mean_interval(values: Sequence[float], n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """The mean of ``values`` with its bootstrap confidence interval."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        raise ValueError("mean_interval needs at least one value")
+    lo, hi = _interval(v[np.random.default_rng(seed).integers(0, len(v), size=(n_bootstrap, len(v)))].mean(1), ci)
+    return float(v.mean()), lo, hi
+
+
 HEADLINE = ("AT", "ADR", "ATR", "RR", "RR_conditional")
 TRUTH = ("AT_truth", "RR_truth", "RR_truth_conditional", "accuracy_turn1", "accuracy_final")
 

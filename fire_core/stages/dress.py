@@ -281,14 +281,10 @@ def evaluate_model(cfg: FireConfig, name: str, model, processor, rows, teacher_r
 
 
 def _mean_ci(key: str, values: list[float], b, seed: int) -> dict[str, float]:
-    import numpy as np
-
     if not values:
         return {}
-    v = np.asarray(values, dtype=float)
-    boots = v[np.random.default_rng(seed).integers(0, len(v), size=(b.n_bootstrap, len(v)))].mean(1)
-    lo, hi = np.quantile(boots, [(1 - b.ci) / 2, 1 - (1 - b.ci) / 2])
-    return {key: float(v.mean()), f"{key}_lo": float(lo), f"{key}_hi": float(hi)}
+    mean, lo, hi = metrics.mean_interval(values, b.n_bootstrap, b.ci, seed)
+    return {key: mean, f"{key}_lo": lo, f"{key}_hi": hi}
 
 
 # ---------------------------------------------------------------------------------------------

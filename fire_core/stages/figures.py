@@ -26,6 +26,8 @@ import numpy as np
 from fire_core import plots, provenance
 from fire_core.checker import shapes_in
 from fire_core.config import CONF_DIR, FireConfig
+from fire_core.files import read_jsonl
+from fire_core.metrics import paired_difference
 
 MODELS = ["base", "fire100k_student", "fire_student", "dress", "no_critique", "no_refinement", "no_regulariser"]
 LABELS = {"base": "base VLM", "fire100k_student": "FIRE100K student", "fire_student": "FIRE student",
@@ -58,9 +60,6 @@ class FiguresResult:
     figures: list[str]
     seconds: float
 
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.open() if line.strip()]
 
 
 def _ci(v: float, lo: float, hi: float, digits: int = 2) -> str:
@@ -134,12 +133,10 @@ def cross_method_table(table, free=None):
 # Paper vs ours
 
 
-def _paired(a: np.ndarray, b: np.ndarray, n: int, seed: int, stat=np.mean) -> tuple[float, float, float]:
-    """B minus A with the paired-bootstrap 95% interval (the same samples drawn for both)."""
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(n, len(a)))
-    boots = np.array([stat(b[i]) - stat(a[i]) for i in idx])
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return float(stat(b) - stat(a)), float(lo), float(hi)
+def _paired(a, b, n: int, seed: int) -> tuple[float, float, float]:
+    """B minus A with its paired-bootstrap 95% interval (``metrics.paired_difference``)."""
+    d = paired_difference(a, b, n, 0.95, seed)
+    return d["difference"], d["ci_low"], d["ci_high"]
 
 
 def verdict(diffs: list[tuple[float, float, float]], better: list[int]) -> str:
@@ -197,6 +194,12 @@ def paper_vs_ours(papers: dict[str, Any], free, paired, dress_table, answers, ca
     return pd.DataFrame(rows, columns=["paper", "claim", "provider", "paper_value", "ours", "holds", "source"])
 
 
+def gain(r: dict[str, Any], score_min: int = 1) -> float:
+    """The provider score a dialogue gained from its first turn to its last (unparsable: lowest)."""
+    s = [score_min if t.get("score") is None else t["score"] for t in r["turns"]]
+    return float(s[-1] - s[0])
+
+
 def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_bootstrap: int, seed: int) -> list[dict]:
     rows = []
 
@@ -242,11 +245,6 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
     # learning from feedback: the score gained from turn 1 to turn 4, per dialogue, paired
     for prov in ("oracle", "teacher"):
         sel = [r for r in dialogues if r["provider"] == prov]
-
-        def gain(r):
-            s = [1 if t.get("score") is None else t["score"] for t in r["turns"]]
-            return float(s[-1] - s[0])
-
         a, b = pair(sel, gain)
         diff = _paired(a, b, n_bootstrap, seed)
         rows.append({"paper": "DRESS", "claim": claims["dress_learns_from_feedback"], "provider": prov,
@@ -254,10 +252,6 @@ def _dress_claims(d, rel, answers, captions, premises, dialogues, scenes, n_boot
                      "ours": f"score gain turn 1 -> last, DRESS - base: {diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]",
                      "holds": verdict([diff], [+1]), "source": d["source"]})
     # each ablation below full DRESS: helpfulness and the oracle-provider score gain, paired
-    def gain(r):
-        s = [1 if t.get("score") is None else t["score"] for t in r["turns"]]
-        return float(s[-1] - s[0])
-
     oracle = [r for r in dialogues if r["provider"] == "oracle"]
     for abl in ("no_critique", "no_refinement", "no_regulariser"):
         if not any(r["model"] == abl for r in answers):
@@ -351,7 +345,7 @@ def run(cfg: FireConfig) -> FiguresResult:
     with provenance.stage_run(cfg, inputs=inputs) as run:
         out, made = run.dir, []
         # tables
-        sets = {"FIRE-100K": _jsonl(inputs[0]), "FIRE-1M": _jsonl(inputs[1]), "FIRE-Bench (gold)": _jsonl(inputs[2])}
+        sets = {"FIRE-100K": read_jsonl(inputs[0]), "FIRE-1M": read_jsonl(inputs[1]), "FIRE-Bench (gold)": read_jsonl(inputs[2])}
         stats = dataset_stats(sets)
         stats.to_csv(out / "dataset_stats.csv", index=False, float_format="%.2f")
         free = pd.read_csv(bench / "free_dialogue.csv")
@@ -366,15 +360,15 @@ def run(cfg: FireConfig) -> FiguresResult:
         ablations = cross[cross.model.isin([LABELS[m] for m in ("base", "dress", "no_critique", "no_refinement",
                                                                  "no_regulariser")])]
         ablations.to_csv(out / "ablations_table.csv", index=False)
-        answers = _jsonl(dress / "eval_answers.jsonl")
+        answers = read_jsonl(dress / "eval_answers.jsonl")
         helpful = (pd.DataFrame(answers).groupby(["family", "model"]).helpfulness.mean().unstack("model")
                    .reindex(columns=[m for m in MODELS if m in table.model.values]))
         helpful.to_csv(out / "helpfulness_by_family.csv", float_format="%.2f")
         world = datasets.load_from_disk(str(dirs["00_build_world"] / "dataset"))
         scenes = {i: json.loads(s) for split in ("test", "unseen")
                   for i, s in zip(world[split]["id"], world[split]["scene"], strict=True)}
-        captions, premises = _jsonl(dress / "eval_captions.jsonl"), _jsonl(dress / "eval_premises.jsonl")
-        dialogues = _jsonl(dress / "eval_dialogues.jsonl")
+        captions, premises = read_jsonl(dress / "eval_captions.jsonl"), read_jsonl(dress / "eval_premises.jsonl")
+        dialogues = read_jsonl(dress / "eval_dialogues.jsonl")
         pvo = paper_vs_ours(papers, free, paired, table, answers, captions, premises, dialogues, scenes,
                             b.n_bootstrap, cfg.seed)
         pvo.to_csv(out / "paper_vs_ours.csv", index=False)
@@ -401,7 +395,7 @@ def run(cfg: FireConfig) -> FiguresResult:
         plots.save(fig, out / "free_dialogue", sources=[bench / "free_dialogue.csv"], cfg=cfg)
         made.append("free_dialogue")
         # figure: solved by turn, with bands
-        free_recs = _jsonl(bench / "free_dialogues.jsonl")
+        free_recs = read_jsonl(bench / "free_dialogues.jsonl")
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
         for ax, truth in zip(axes, (False, True), strict=True):
             for prov, style in zip(provs, ("-", "--"), strict=False):
