@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,31 @@ from PIL import Image
 from fire_core.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+def device() -> torch.device:
+    """The one device policy for training, generation and the dialogue engine: CUDA when it is
+    present, else the CPU. ``FIRE_DEVICE=cpu`` forces the CPU on a GPU machine."""
+    forced = os.environ.get("FIRE_DEVICE", "").strip().lower()
+    if forced:
+        if forced not in ("cpu", "cuda"):
+            raise ValueError(f"FIRE_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
+        if forced == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("FIRE_DEVICE=cuda, but torch sees no CUDA device on this machine")
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_dtype(mcfg_dtype: str | None = None) -> torch.dtype:
+    """Weights for generation: bf16 on a GPU (the paper's models), fp32 on the CPU (the tiny
+    models are trained and evaluated in fp32; bf16 matmuls on this CPU are slower)."""
+    if device().type == "cuda":
+        return getattr(torch, mcfg_dtype) if mcfg_dtype and mcfg_dtype != "float32" else torch.bfloat16
+    return torch.float32
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 BOS, EOS, PAD, UNK, IMAGE = "<s>", "<|end|>", "<pad>", "<unk>", "<image>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -154,17 +180,101 @@ def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
     return model
 
 
+# The llama3-llava-next chat format (written here, as the released model renders it): a header
+# per message, every image placeholder before the message's text, <|eot_id|> closing each turn.
+LLAMA3_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first %}{{ '<|begin_of_text|>' }}{% endif %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<pad>", IMAGE]
+PAPER_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's anyres grid
+
+
+def build_paper_like(out_dir: Path | str, texts: Sequence[str], image_size: int = 28, hidden: int = 32,
+                     layers: int = 2, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A randomly initialised LLaVA-NeXT with the architecture of ``llama3-llava-next-8b-hf``
+    at toy sizes, saved where ``model.pretrained_id`` can name it: a CLIP vision tower (patch 14,
+    CLS token dropped by the "default" feature strategy, second-to-last layer), anyres tiles on
+    LLaVA-NeXT's pinpoint grid scaled to ``image_size``, a Llama-3 decoder (grouped-query
+    attention, rope theta 500000, untied head) and a byte-level BPE tokenizer with llama3's
+    special tokens and chat format. Nothing is downloaded. The GPU smoke scale and the tests of
+    the paper path use it."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tok_models
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    out = Path(out_dir)
+    bpe = Tokenizer(tok_models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe.train_from_iterator(list(texts), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=LLAMA3_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<pad>", extra_special_tokens={"image_token": IMAGE},
+                                  chat_template=LLAMA3_TEMPLATE, padding_side="right", model_max_length=8192)
+    scale = image_size / 336
+    pinpoints = [[int(h * scale), int(w * scale)] for h, w in PAPER_PINPOINTS]
+    improc = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, image_grid_pinpoints=pinpoints,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    proc = LlavaNextProcessor(image_processor=improc, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAMA3_TEMPLATE, image_token=IMAGE)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=max(1, hidden // 16), image_size=image_size, patch_size=14,
+                              projection_dim=hidden)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=8192,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       tie_word_embeddings=False)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE),
+                             image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
+                             vision_feature_layer=-2, projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
 def load_pretrained(mcfg: ModelConfig):
-    """The paper's model and processor (``model.kind=pretrained``); needs the hub or a local copy."""
+    """The paper's model and processor (``model.kind=pretrained``) from ``mcfg.pretrained_id``:
+    a local directory, or a hub id already in the local cache (nothing is downloaded when
+    ``HF_HUB_OFFLINE=1``). Placed on :func:`device`."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(mcfg.pretrained_id)
     model = LlavaNextForConditionalGeneration.from_pretrained(mcfg.pretrained_id, dtype=getattr(torch, mcfg.dtype))
-    return model, processor
+    return model.to(device()), processor
 
 
 def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = None):
-    """A saved model (full, or a LoRA adapter on the base it names) and its processor."""
+    """A saved model (full, or a LoRA adapter on the base it names) and its processor, placed
+    on :func:`device` (its saved dtype unless ``dtype`` is given)."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     path = Path(path)
@@ -182,7 +292,7 @@ def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = 
                                           path, is_trainable=trainable)
     else:
         model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    return model, processor
+    return model.to(device()), processor
 
 
 def warmup_cosine_adamw(params, lr: float, steps: int):
@@ -205,11 +315,41 @@ def optimizer_step(loss, params, opt, sched, max_norm: float = 1.0) -> float:
     return float(loss.detach())
 
 
+def image_token_id(processor) -> int:
+    """The id of the image placeholder token, for our tokenizer and for a hub processor alike."""
+    pid = getattr(processor, "image_token_id", None)
+    if pid is not None:
+        return int(pid)
+    return int(processor.tokenizer.convert_tokens_to_ids(processor.image_token))
+
+
+_IMAGE_TOKENS: dict[tuple[int, int, int], int] = {}
+
+
+def image_token_count(processor, size: tuple[int, int]) -> int:
+    """Image tokens that one placeholder expands to for an image of ``size`` (width, height),
+    computed by the processor itself: with LLaVA-NeXT's anyres the count depends on the size
+    and aspect ratio, so it is asked per size (and remembered)."""
+    key = (id(processor), int(size[0]), int(size[1]))
+    if key not in _IMAGE_TOKENS:
+        img = Image.new("RGB", (int(size[0]), int(size[1])))
+        enc = processor(text=[processor.image_token], images=[img], return_tensors="pt", add_special_tokens=False)
+        _IMAGE_TOKENS[key] = int((enc["input_ids"] == image_token_id(processor)).sum())
+    return _IMAGE_TOKENS[key]
+
+
 def num_image_tokens(processor, image_size: int) -> int:
-    """Image tokens that one <image> expands to, computed by the processor itself."""
-    img = Image.new("RGB", (image_size, image_size))
-    enc = processor(text=[IMAGE], images=[img], return_tensors="pt")
-    return int((enc["input_ids"] == processor.tokenizer.image_token_id).sum())
+    """Image tokens that one <image> expands to for a square ``image_size`` image."""
+    return image_token_count(processor, (image_size, image_size))
+
+
+def default_image_size(processor) -> tuple[int, int]:
+    """(width, height) the processor resizes to: the world's images at every scale we render."""
+    size = processor.image_processor.size
+    if "height" in size:
+        return int(size["width"]), int(size["height"])
+    edge = int(size.get("shortest_edge", 336))
+    return edge, edge
 
 
 def param_count(model) -> dict[str, int]:
@@ -246,7 +386,7 @@ def generate(model, processor, conversations: Sequence[Sequence[dict[str, Any]]]
             texts = [processor.apply_chat_template([{k: v for k, v in m.items() if k != "train"} for m in c],
                                                    add_generation_prompt=True, tokenize=False) for c in convs]
             enc = processor(text=texts, images=[im.convert("RGB") for im in images[start:start + batch_size]],
-                            return_tensors="pt", padding=True)
+                            return_tensors="pt", padding=True, add_special_tokens=False).to(model_device(model))
             kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                           pad_token_id=tok.pad_token_id, use_cache=True,
                                           eos_token_id=tok.eos_token_id if stop_at_eos else None)
@@ -300,7 +440,7 @@ class PrefixCachedGenerator:
         tok.padding_side = "left"
         try:
             enc = self.processor(text=texts, images=[im.convert("RGB") for im in images], return_tensors="pt",
-                                 padding=True)
+                                 padding=True, add_special_tokens=False).to(model_device(self.model))
         finally:
             tok.padding_side = old
         ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
@@ -344,7 +484,7 @@ class PrefixCachedGenerator:
                 old_ids, kv = self.cache[k]
                 n_img = sum(1 for t in old_ids if t == image_id)
                 new: list[int] = []
-                for t in tok(texts[i], add_special_tokens=False)["input_ids"]:
+                for t in tok(texts[i], add_special_tokens=False)["input_ids"]:  # as the processor does
                     new += [t] * n_img if t == image_id else [t]
                 p = 0
                 limit = min(len(old_ids), len(new) - 1)  # always feed at least one token
@@ -360,11 +500,11 @@ class PrefixCachedGenerator:
         P = max(len(p) for p in pending)
         n_layers = len(kvs[0])
         H, D = kvs[0][0][0].shape[0], kvs[0][0][0].shape[-1]
-        dtype = kvs[0][0][0].dtype
+        dtype, dev = kvs[0][0][0].dtype, kvs[0][0][0].device
         layers = []
         for li in range(n_layers):
-            K = torch.zeros(B, H, L, D, dtype=dtype)
-            V = torch.zeros(B, H, L, D, dtype=dtype)
+            K = torch.zeros(B, H, L, D, dtype=dtype, device=dev)
+            V = torch.zeros(B, H, L, D, dtype=dtype, device=dev)
             for b in range(B):
                 n = len(cached[b])
                 if n:
@@ -381,11 +521,12 @@ class PrefixCachedGenerator:
             mask[b, L + P - p:] = 1
             ids[b, P - p:] = torch.tensor(pending[b])
             pos[b, P - p:] = torch.arange(c, c + p)
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         lm = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
         head = model.get_output_embeddings()
         eos = tok.eos_token_id
         generated: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
         nxt_pos = pos[:, -1:] + 1
         try:
             h = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -398,7 +539,7 @@ class PrefixCachedGenerator:
                 done |= nxt == eos
                 if bool(done.all()) or step == self.max_new_tokens - 1:
                     break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=dev)], 1)
                 h = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos, past_key_values=cache,
                        use_cache=True).last_hidden_state[:, -1]
                 nxt_pos = nxt_pos + 1

@@ -35,7 +35,6 @@ from PIL import Image
 
 from fire_core import models, prompts, world
 from fire_core.config import TrainConfig
-from fire_core.models import num_image_tokens, render_chat
 from fire_core.vision import native_convolution
 
 log = logging.getLogger(__name__)
@@ -53,22 +52,62 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(messages: Sequence[dict[str, Any]], tokenizer, n_image: int, max_length: int) -> dict[str, list[int]]:
-    """Token ids and labels for one chat. Labels keep only the trainable assistant turns (and
-    their closing <|end|>); everything else, image tokens included, is -100.
+def chat_spans(messages: Sequence[dict[str, Any]], processor) -> tuple[str, list[tuple[int, int]]]:
+    """The chat rendered by the processor's own chat template (the one generation uses, ours
+    for the tiny models, llama3's for LLaVA-NeXT-8B), and the character spans of its trainable
+    assistant turns: each reply's content and the template's end-of-turn marker after it
+    (``<|end|>``, ``<|eot_id|>``), so the model learns to stop; never the whitespace after it.
+
+    A turn's span starts where the template's generation prompt for that turn ends, and ends
+    where the chat up to that turn ends. That needs an append-only template (each shorter chat
+    renders as a prefix of the longer one); one that is not raises.
+    """
+    clean = [{k: v for k, v in m.items() if k != "train"} for m in messages]
+
+    def render(msgs, gen=False):
+        return processor.apply_chat_template(list(msgs), add_generation_prompt=gen, tokenize=False)
+
+    text = render(clean)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if not (m.get("train") and m["role"] == "assistant"):
+            continue
+        before, upto = render(clean[:i], gen=True), render(clean[:i + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError("the processor's chat template is not append-only (a chat does not start with the "
+                             f"rendering of its first {i} messages), so trained turns cannot be located in it")
+        spans.append((len(before), len(upto.rstrip())))
+    return text, spans
+
+
+def encode(messages: Sequence[dict[str, Any]], processor, max_length: int,
+           image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, list[int]]:
+    """Token ids and labels for one chat, as the processor would tokenise it for generation.
+    Labels keep only the trainable assistant turns and their end-of-turn token
+    (:func:`chat_spans`); everything else, image tokens included, is -100. Each image
+    placeholder expands to the processor's own token count for that image's (width, height)
+    in ``image_sizes`` (default: the processor's square size), so anyres images of any size and
+    aspect ratio line up with their features.
 
     Too long: cut after the last complete trainable turn that fits; else cut at ``max_length``.
     The image tokens are never cut: if they do not fit, this raises.
     """
-    text, spans = render_chat(messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tokenizer = processor.tokenizer
+    text, spans = chat_spans(messages, processor)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # templates write BOS themselves
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [tid if any(a <= s < b for a, b in spans) else IGNORE for tid, (s, _) in zip(ids, offsets, strict=True)]
-    image_id = tokenizer.image_token_id
+    image_id = models.image_token_id(processor)
+    n_placeholders = sum(1 for t in ids if t == image_id)
+    sizes = list(image_sizes) if image_sizes is not None else [models.default_image_size(processor)] * n_placeholders
+    if len(sizes) != n_placeholders:
+        raise ValueError(f"the chat has {n_placeholders} image placeholders but {len(sizes)} image sizes were given")
+    counts = iter([models.image_token_count(processor, sz) for sz in sizes])
     out_ids: list[int] = []
     out_labels: list[int] = []
     for tid, lab in zip(ids, labels, strict=True):
         if tid == image_id:
+            n_image = next(counts)
             out_ids += [image_id] * n_image
             out_labels += [IGNORE] * n_image
         else:
@@ -79,11 +118,24 @@ def encode(messages: Sequence[dict[str, Any]], tokenizer, n_image: int, max_leng
         if last_image >= max_length - 1:
             raise ValueError(f"model.max_length={max_length} is too short: the image alone needs "
                              f"{last_image + 2} tokens; raise model.max_length")
-        eos = tokenizer.eos_token_id
-        ends = [i + 1 for i in range(last_image + 1, max_length) if out_ids[i] == eos and out_labels[i] != IGNORE]
-        cut = ends[-1] if ends else max_length
+        # token index just past each trained turn's last labelled token (its end-of-turn token)
+        turn_ends = []
+        for i in range(last_image + 1, min(len(out_ids), max_length)):
+            if out_labels[i] != IGNORE and (i + 1 == len(out_ids) or out_labels[i + 1] == IGNORE):
+                turn_ends.append(i + 1)
+        cut = turn_ends[-1] if turn_ends else max_length
         out_ids, out_labels = out_ids[:cut], out_labels[:cut]
     return {"input_ids": out_ids, "labels": out_labels}
+
+
+def example_image_size(example: Example) -> tuple[int, int]:
+    """(width, height) of an example's image: ``meta["image_size"]`` when the builder knows it,
+    else from the image (a lazy loader is called once; real data loaders open files lazily, so
+    that reads only the header)."""
+    if "image_size" in example.meta:
+        return tuple(example.meta["image_size"])  # type: ignore[return-value]
+    img = example.image() if callable(example.image) else example.image
+    return tuple(img.size)  # type: ignore[return-value]
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -92,9 +144,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, examples: Sequence[Example], processor, max_length: int):
         self.examples = list(examples)
         self.processor = processor
-        size = processor.image_processor.size["height"]
-        self.n_image = num_image_tokens(processor, size)
-        self.encoded = [encode(e.messages, processor.tokenizer, self.n_image, max_length) for e in self.examples]
+        self.encoded = [encode(e.messages, processor, max_length, [example_image_size(e)]) for e in self.examples]
         self.n_trainable_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE) for e in self.encoded)
         self.n_tokens = sum(len(e["input_ids"]) for e in self.encoded)
         self.lengths = [len(e["input_ids"]) for e in self.encoded]  # for length-grouped batches
@@ -193,6 +243,7 @@ def heldout_loss(model, dataset: SFTDataset, processor, batch_size: int = 16) ->
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(models.model_device(model)) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
             if n:
                 total += float(model(**batch).loss) * n
@@ -357,7 +408,7 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         lr_scheduler_type=tcfg.lr_scheduler, weight_decay=tcfg.weight_decay, max_grad_norm=1.0,
         logging_steps=logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=save_steps, save_total_limit=1,
-        seed=seed, data_seed=seed, use_cpu=True, bf16=tcfg.bf16, report_to="none",
+        seed=seed, data_seed=seed, use_cpu=models.device().type == "cpu", bf16=tcfg.bf16, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, deepspeed=tcfg.deepspeed,
         optim="adamw_torch", disable_tqdm=False,
         train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
@@ -391,7 +442,7 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         if save_dir is None:
             raise ValueError("a DeepSpeed run needs save_dir: its in-memory model is partitioned")
 
-        final, _ = models.load(save_dir, dtype=torch.float32)
+        final, _ = models.load(save_dir, dtype=torch.float32 if models.device().type == "cpu" else None)
     after = heldout_loss(final, heldout, processor, tcfg.batch_size) if heldout is not None else None
     return FitResult(model=final, losses=losses, steps=trainer.state.global_step, seconds=seconds,
                      tokens=dataset.n_tokens, trainable_tokens=dataset.n_trainable_tokens,

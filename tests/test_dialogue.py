@@ -48,12 +48,11 @@ def test_teacher_data_trains_only_the_teacher_and_student_data_only_the_student(
     rec = _record(s, [("There are 2 stars. The answer is 2.", 4, "Count the small ones too."),
                       (s.response, 9, "Correct, well counted.")])
     tok = proc.tokenizer
-    n_img = models.num_image_tokens(proc, SIZE)
     image = s.image
     (teach,) = sft.teacher_examples([rec], lambda _: image)
     (stud,) = sft.student_examples([rec], lambda _: image)
-    t_enc = sft.encode(teach.messages, tok, n_img, 1024)
-    s_enc = sft.encode(stud.messages, tok, n_img, 1024)
+    t_enc = sft.encode(teach.messages, proc, 1024)
+    s_enc = sft.encode(stud.messages, proc, 1024)
     labelled = lambda enc: tok.decode([t for t in enc["labels"] if t != IGNORE])  # noqa: E731
     assert labelled(t_enc) == ("Score: 4\nFeedback: Count the small ones too.<|end|>"
                                "Score: 9\nFeedback: Correct, well counted.<|end|>")

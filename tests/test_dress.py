@@ -245,7 +245,7 @@ def test_dress_chats_put_loss_on_responses_and_conditions_before_them(tok_proc):
     tok, proc = tok_proc
     s, rec = _record()
     [ex] = sft.dress_examples([rec], lambda i: s["image"])
-    enc = sft.encode(ex.messages, tok, models.num_image_tokens(proc, SIZE), 2048)
+    enc = sft.encode(ex.messages, proc, 2048)
     labelled = tok.decode([t for t in enc["labels"] if t != IGNORE])
     assert labelled == "".join(t["response"] + "<|end|>" for t in rec["turns"])
     text = tok.decode(enc["input_ids"])

@@ -45,7 +45,7 @@ def test_labels_cover_exactly_the_target_turns(kit, role):
             "student": prompts.student_messages(s.question, turns),
             "teacher": prompts.teacher_messages(s.question, s.answer, turns)}[role]
     n_img = models.num_image_tokens(proc, SIZE)
-    enc = sft.encode(msgs, tok, n_img, max_length=1024)
+    enc = sft.encode(msgs, proc, max_length=1024)
     targets = [m["content"] for m in msgs if m["train"]]
     assert _labelled_text(tok, enc) == "".join(t + "<|end|>" for t in targets)
     # token by token: a label is either -100 or the token itself
@@ -68,7 +68,7 @@ def test_encoding_matches_the_processor(kit):
     _, samples, tok, proc = kit
     s = samples[0]
     msgs = prompts.student_messages(s.question, _turns(s))
-    enc = sft.encode(msgs, tok, models.num_image_tokens(proc, SIZE), 1024)
+    enc = sft.encode(msgs, proc, 1024)
     ref = proc(text=[models.render_chat(msgs)[0]], images=[s.image], return_tensors="pt")
     assert enc["input_ids"] == ref["input_ids"][0].tolist()
 
@@ -79,15 +79,15 @@ def test_truncation_keeps_the_image_and_cuts_at_a_turn_boundary(kit):
     turns = [Turn(f"Attempt {k}: " + s.response, 3, "Try again, look at every shape.") for k in range(6)]
     msgs = prompts.student_messages(s.question, turns)
     n_img = models.num_image_tokens(proc, SIZE)
-    full = sft.encode(msgs, tok, n_img, 4096)
+    full = sft.encode(msgs, proc, 4096)
     limit = len(full["input_ids"]) - 20
-    cut = sft.encode(msgs, tok, n_img, limit)
+    cut = sft.encode(msgs, proc, limit)
     assert len(cut["input_ids"]) <= limit
     assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
     assert cut["input_ids"][-1] == tok.eos_token_id  # a whole turn, not half of one
     assert sum(t == tok.image_token_id for t in cut["input_ids"]) == n_img
     with pytest.raises(ValueError, match="model.max_length=30 is too short: the image alone needs"):
-        sft.encode(msgs, tok, n_img, 30)
+        sft.encode(msgs, proc, 30)
 
 
 def _dataset(kit, n=32, held_out=False):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fire_core import feedback, files, models, plots, prompts, provenance, world
+from fire_core.stages import common as stage_common
 from fire_core.annotate import (
     PROMPT_VERSION,
     GenStats,
@@ -111,7 +112,7 @@ def run(cfg: FireConfig) -> Fire100kResult:
         ids = rows["id"]
         rid_of = {i: request_id(i, PROMPT_VERSION, model_name, a.temperature, d.max_turns, cfg.seed) for i in ids}
         stats.skipped_done = sum(rid_of[i] in done for i in ids)
-        model, processor = models.load(base_dir / "model")
+        model, processor = stage_common.load_base(cfg, base_dir)
         bs = cfg.model.generate_batch_size
         rejects: list[dict[str, Any]] = []
         # Batches are fixed slices of all samples, not of the unfinished ones: a batch's float

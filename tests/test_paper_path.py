@@ -1,0 +1,151 @@
+"""The paper-scale code path on the CPU, up to the device: training labels from the model's own
+chat template (ours, and llama3-llava-next's on a tiny random LlavaNext of the 8B's
+architecture), image placeholders expanded per image size and aspect ratio, the device policy,
+and a real short fit of the paper-architecture model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from fire_core import config, models, prompts, sft, world
+from fire_core.config import ModelConfig
+from fire_core.prompts import Turn
+from fire_core.sft import IGNORE
+
+SIZE = 64
+# sizes and aspect ratios that land on different anyres grids (scaled from 336: 28 px)
+SIZES = [(28, 28), (40, 30), (28, 84), (90, 50), (61, 117)]
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    """A tiny random LlavaNext with llama3-llava-next-8b's architecture and chat format, loaded
+    the way scale=paper loads the released model (``models.load_pretrained`` on a local path)."""
+    samples = [world.make_sample(f, "train", i, 0, SIZE) for f in world.SEEN for i in range(6)]
+    texts = [s.question + "\n" + s.response for s in samples] + prompts.FEEDBACK_HINTS
+    d = models.build_paper_like(tmp_path_factory.mktemp("llama3_llava_next"), texts)
+    model, proc = models.load_pretrained(ModelConfig(kind="pretrained", pretrained_id=str(d), dtype="float32"))
+    return samples, model, proc
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    samples = [world.make_sample(f, "train", i, 0, SIZE) for f in world.SEEN for i in range(4)]
+    tok = models.train_tokenizer([s.question + "\n" + s.response for s in samples] + prompts.FEEDBACK_HINTS, 600)
+    return samples, models.build_processor(tok, config.load("01_train_base_vlm", ["scale=smoke"]).model, SIZE)
+
+
+def _chats(s):
+    turns = [Turn("I think it is wrong.", 2, "Look again at the left."), Turn(s.response, 9, "Correct.")]
+    return {"base": prompts.base_messages([(s.question, s.response), ("How many shapes?", "Three.")]),
+            "student": prompts.student_messages(s.question, turns),
+            "teacher": prompts.teacher_messages(s.question, s.answer, turns)}
+
+
+def test_our_template_gives_the_same_text_and_spans_as_its_python_renderer(tiny):
+    samples, proc = tiny
+    for s in samples[:6]:
+        for msgs in _chats(s).values():
+            assert sft.chat_spans(msgs, proc) == models.render_chat(msgs)
+
+
+@pytest.mark.parametrize("role", ["base", "student", "teacher"])
+def test_llama3_labels_fall_exactly_on_the_assistant_turns_and_their_eot(paper, role):
+    samples, _, proc = paper
+    tok = proc.tokenizer
+    s = samples[4]
+    msgs = _chats(s)[role]
+    enc = sft.encode(msgs, proc, 4096)
+    # every trained token is its own label; the labelled tokens decode to exactly the replies
+    assert all(lab in (IGNORE, tid) for tid, lab in zip(enc["input_ids"], enc["labels"], strict=True))
+    runs, cur = [], []
+    for tid, lab in zip(enc["input_ids"], enc["labels"], strict=True):
+        if lab != IGNORE:
+            cur.append(tid)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    assert runs == [m["content"] + "<|eot_id|>" for m in msgs if m.get("train")]
+    # the header before a reply and the user turns carry no loss
+    text = tok.decode(enc["input_ids"])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
+    assert tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab == IGNORE
+                       and t != models.image_token_id(proc)]).count("<|start_header_id|>assistant<|end_header_id|>")
+
+
+def test_training_prompt_is_tokenised_as_generation_tokenises_it(paper):
+    """Trained in one format, prompted in the same: the tokens before the first reply are the
+    tokens generation feeds for that prompt (the processor, its template, one BOS)."""
+    samples, _, proc = paper
+    s = samples[1]
+    msgs = prompts.base_messages([(s.question, s.response)])
+    enc = sft.encode(msgs, proc, 4096, [s.image.size])
+    prompt = proc.apply_chat_template([{k: v for k, v in m.items() if k != "train"} for m in msgs[:-1]],
+                                      add_generation_prompt=True, tokenize=False)
+    gen = proc(text=[prompt], images=[s.image], return_tensors="pt", add_special_tokens=False)["input_ids"][0].tolist()
+    assert enc["input_ids"][:len(gen)] == gen
+    assert enc["labels"][len(gen) - 1] == IGNORE and enc["labels"][len(gen)] != IGNORE  # the reply starts right there
+    assert gen.count(proc.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_each_image_expands_to_the_processors_own_count_for_its_size(paper, size):
+    samples, model, proc = paper
+    img = Image.new("RGB", size, (200, 40, 40))
+    msgs = prompts.student_messages(samples[0].question, [Turn("It is red.", 3, "Look again."), Turn("Blue.", 9, "Yes.")])
+    enc = sft.encode(msgs, proc, 4096, [size])
+    text, _ = sft.chat_spans(msgs, proc)
+    ref = proc(text=[text], images=[img], return_tensors="pt", add_special_tokens=False)["input_ids"][0].tolist()
+    assert enc["input_ids"] == ref
+
+
+def test_a_batch_of_mixed_sizes_runs_through_the_model(paper):
+    samples, model, proc = paper
+    ex = [sft.Example(prompts.base_messages([(samples[k].question, samples[k].response)]),
+                      Image.new("RGB", sz, (30 * k, 90, 160))) for k, sz in enumerate(SIZES)]
+    ds = sft.SFTDataset(ex, proc, 4096)
+    counts = {sum(t == models.image_token_id(proc) for t in e["input_ids"]) for e in ds.encoded}
+    assert len(counts) > 2  # the sizes really give different anyres layouts
+    batch = sft.Collator(proc)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        loss = model(**batch).loss  # raises if image features and placeholder tokens disagree
+    assert torch.isfinite(loss)
+
+
+def test_a_template_that_is_not_append_only_is_refused(paper):
+    _, _, proc = paper
+    bad = copy.copy(proc)
+    bad.chat_template = "{{ messages | length }}" + models.LLAMA3_TEMPLATE
+    with pytest.raises(ValueError, match="not append-only"):
+        sft.chat_spans(prompts.base_messages([("Q?", "A.")]), bad)
+
+
+def test_the_paper_architecture_model_learns_through_the_trainer(paper, tmp_path):
+    samples, model, proc = paper
+    net = copy.deepcopy(model)
+    train = [sft.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples[:40]]
+    held = [sft.Example(prompts.base_messages([(s.question, s.response)]), s.image) for s in samples[40:]]
+    tcfg = config.TrainConfig(learning_rate=3e-3, batch_size=8, epochs=1)
+    res = sft.fit(net, proc, sft.SFTDataset(train, proc, 4096), tcfg, tmp_path, seed=0, max_steps=25,
+                  heldout=sft.SFTDataset(held, proc, 4096))
+    assert res.heldout_loss_after < res.heldout_loss_before - 0.5, (res.heldout_loss_before, res.heldout_loss_after)
+
+
+def test_device_policy(monkeypatch):
+    monkeypatch.delenv("FIRE_DEVICE", raising=False)
+    assert models.device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("FIRE_DEVICE", "cpu")
+    assert models.device().type == "cpu"
+    monkeypatch.setenv("FIRE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="FIRE_DEVICE must be 'cpu' or 'cuda'"):
+        models.device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("FIRE_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            models.device()
