@@ -219,7 +219,9 @@ def build_paper_like(out_dir: Path | str, texts: Sequence[str], image_size: int 
         LlavaNextProcessor,
         PreTrainedTokenizerFast,
     )
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
 
     out = Path(out_dir)
     bpe = Tokenizer(tok_models.BPE(unk_token=None))

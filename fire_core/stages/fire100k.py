@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from fire_core import feedback, files, models, plots, prompts, provenance, world
-from fire_core.stages import common as stage_common
 from fire_core.annotate import (
     PROMPT_VERSION,
     GenStats,
@@ -25,6 +24,7 @@ from fire_core.client import AnnotatorError, run_async
 from fire_core.config import FireConfig
 from fire_core.files import ShardStore, request_id, write_jsonl
 from fire_core.records import dialogue_record, sample_record, select_per_family
+from fire_core.stages import common as stage_common
 
 
 @dataclass
