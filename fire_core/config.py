@@ -36,7 +36,7 @@ CONF_DIR = REPO_ROOT / "conf"
 # 8 sources that were never trained on.
 SEEN_FAMILIES = ["color", "count", "spatial", "chart", "ocr", "math", "table", "choice", "caption"]
 UNSEEN_FAMILIES = ["size", "odd_color", "chart_diff", "digit_sum", "quadrant"]
-SCALES = ["smoke", "default", "paper"]
+SCALES = ["smoke", "default", "paper", "gpu_smoke"]
 # The pipeline in order; each stage reads the outputs of the ones before it (the Makefile has
 # the same list).
 STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_train_teacher", "04_train_student",
@@ -45,7 +45,7 @@ STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_tra
 # A stage's identity is the hash of these values and of the identity of the stage before it, so
 # an override reruns the stages that read it and every stage after them, never the ones before.
 # A stage not listed here depends on every key.
-_TRAINING_KEYS = ["seed", "world", "model", "train", "dialogue"]
+_TRAINING_KEYS = ["seed", "world", "model", "train", "dialogue", "data"]
 STAGE_KEYS: dict[str, list[str]] = {
     "00_build_world": ["seed", "world"],
     "01_train_base_vlm": _TRAINING_KEYS,
@@ -124,7 +124,8 @@ class WorldConfig:
 @dataclass
 class ModelConfig:
     # The base VLM. `tiny` builds a LlavaNext-class model from these sizes and trains it from
-    # scratch; `pretrained` loads `pretrained_id` (paper scale).
+    # scratch; `pretrained` loads `pretrained_id` (paper scale, a local folder or the HF cache);
+    # `paper_like` builds the 8B's architecture and chat format at these toy sizes (GPU smoke).
     kind: str = "tiny"
     pretrained_id: str | None = None  # e.g. llava-hf/llama3-llava-next-8b-hf (paper scale)
     vocab_size: int = 2048
@@ -141,7 +142,8 @@ class ModelConfig:
     generate_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("tiny", "pretrained"), "model.kind", f"must be 'tiny' or 'pretrained', got '{self.kind}'")
+        _check(self.kind in ("tiny", "pretrained", "paper_like"), "model.kind",
+               f"must be 'tiny', 'pretrained' or 'paper_like', got '{self.kind}'")
         if self.kind == "pretrained":
             _check(bool(self.pretrained_id), "model.pretrained_id", "must be set when model.kind=pretrained")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "vision_hidden_size",
@@ -389,6 +391,50 @@ DRESS_VARIANTS = {
 
 
 @dataclass
+class DataConfig:
+    # Where samples come from. `world`: the synthetic world of stage 00. `hub`: the released
+    # data in a local folder (never downloaded at run time): FIRE's files and their images.
+    source: str = "world"
+    dir: str | None = None  # the folder holding the released files (data.source=hub)
+    image_dir: str | None = None  # the images the files name (default: <dir>/images)
+    fire_train: str = "FIRE-train-100K.json"
+    fire_1m: str = "FIRE-1M.json"
+    fire_test: str = "FIRE-test.json"
+    max_records: int = 0  # records read per file (0: all); for a first run on a large file
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("world", "hub"), "data.source", f"must be 'world' or 'hub', got '{self.source}'")
+        _check(self.max_records >= 0, "data.max_records", f"must be >= 0, got {self.max_records}")
+        if self.source == "hub":
+            _check(bool(self.dir), "data.dir", "must name the local folder with FIRE's released files when "
+                   "data.source=hub (e.g. data.dir=/data/FIRE); nothing is downloaded at run time")
+
+    def files(self) -> dict[str, Path]:
+        """The released files and the image folder, by name."""
+        root = Path(self.dir or ".")
+        return {"fire_train": root / self.fire_train, "fire_1m": root / self.fire_1m,
+                "fire_test": root / self.fire_test, "image_dir": Path(self.image_dir) if self.image_dir else root / "images"}
+
+    def missing(self) -> list[str]:
+        """The released files (and image folder) that are not where the config says; checked
+        before any work by every stage and by ``make plan``."""
+        if self.source != "hub":
+            return []
+        return [f"data.{name} -> {path}" for name, path in self.files().items()
+                if not (path.is_dir() if name == "image_dir" else path.is_file())]
+
+
+@dataclass
+class RuntimeConfig:
+    # Where the run executes; not part of any stage's identity (the manifest records the device).
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cuda (fail early without a GPU) | cpu
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cuda", "cpu"), "runtime.device",
+               f"must be 'auto', 'cuda' or 'cpu', got '{self.device}'")
+
+
+@dataclass
 class FireConfig:
     stage: str = "???"  # set by each notebook's primary config
     scale: str = "default"  # set by the scale group
@@ -402,6 +448,8 @@ class FireConfig:
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     dress: DressConfig = field(default_factory=DressConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         _check(self.scale in SCALES, "scale", f"must be one of {SCALES}, got '{self.scale}'")
@@ -521,7 +569,10 @@ def stage_keys(cfg: FireConfig, stage: str | None = None) -> dict[str, Any]:
     Where results go (``paths``) and how the overrides were spelled never count."""
     stage = stage or cfg.stage
     flat = {k: v for k, v in _flatten(to_dict(cfg)).items()
-            if not k.startswith("paths.") and k not in ("stage", "overrides")}
+            if not k.startswith(("paths.", "runtime.")) and k not in ("stage", "overrides")}
+    if flat.get("data.source") == "world":  # the hub's file names do not change a world run
+        flat = {k: v for k, v in flat.items() if not k.startswith("data.") or k == "data.source"}
+        flat.pop("data.source")
     wanted = STAGE_KEYS.get(stage)
     if wanted is None:
         return flat

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from fire_core import config, provenance
+from fire_core import config, provenance, readiness
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--upto", default=config.STAGES[-1])
     p.add_argument("--overrides", default="[]", help="a YAML list, as OVERRIDES in the Makefile")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the ones torch sees)")
+    p.add_argument("--no-check", action="store_true", help="skip the readiness check (models, data, keys, device)")
     p.add_argument("scale")
     args = ap.parse_args(argv)
     try:
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(extra, list):
             raise config.ConfigError(f"OVERRIDES must be a YAML list like '[\"seed=1\"]', got {args.overrides!r}")
         overrides = [f"scale={args.scale}", *map(str, extra)]
+        ready = None if args.no_check else readiness.check(overrides, args.upto, gpus=args.gpus)
+        if ready is not None and ready.problems:  # nothing marked or linked: fail before any stage
+            sys.stdout.write(readiness.report(ready, _gpu_text(args.gpus)))
+            return 3
         rows = plan(Path(args.results_root), args.run, overrides, args.upto)
     except (config.ConfigError, yaml.YAMLError) as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -119,7 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"run {args.run} in {args.results_root} (overrides {json.dumps(extra)}):\n")
     for r in rows:
         sys.stdout.write(f"  {r['stage']:<{width}}  {r['status']:<7} {r['detail']}\n")
+    if ready is not None:
+        sys.stdout.write(readiness.report(ready, _gpu_text(args.gpus)))
     return 0
+
+
+def _gpu_text(gpus: int | None) -> str:
+    import torch
+
+    if gpus is not None:
+        return f"planned for {gpus} GPU(s)"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"{n} CUDA GPU(s) visible" if n else "no CUDA GPU visible; CPU"
 
 
 if __name__ == "__main__":

@@ -280,10 +280,31 @@ def _clean_stage_dir(out: Path, ident: str) -> None:
     attempt.write_text(ident + "\n")
 
 
+def apply_runtime(cfg: FireConfig) -> str:
+    """Hand ``runtime.device`` to the device policy (``FIRE_DEVICE``); fail before any work when
+    the run needs a GPU this machine does not have, or released data files that are not there.
+    Returns the device the run will use."""
+    import torch
+
+    want = cfg.runtime.device
+    has_cuda = torch.cuda.is_available()
+    if want == "cuda" and not has_cuda:
+        raise RuntimeError(f"scale={cfg.scale} runs on a CUDA GPU (runtime.device=cuda), and torch sees none on this "
+                           "machine: nothing was run. Use a GPU machine, or a CPU scale (smoke, default).")
+    if want != "auto":
+        os.environ["FIRE_DEVICE"] = want
+    missing = cfg.data.missing()
+    if missing:
+        raise FileNotFoundError("data.source=hub, but these released files are not there (nothing is downloaded at "
+                                "run time; put them in data.dir): " + "; ".join(missing))
+    return os.environ.get("FIRE_DEVICE") or ("cuda" if has_cuda else "cpu")
+
+
 @contextmanager
 def stage_run(cfg: FireConfig, inputs: list[Path] | None = None) -> Iterator[StageRun]:
     """Run a stage in a clean folder, seeded and deterministic; write its manifest when the work
     succeeds."""
+    apply_runtime(cfg)
     out = cfg.stage_dir()
     ident = identity(cfg)
     inputs = [Path(p) for p in (inputs or [])]
@@ -294,6 +315,12 @@ def stage_run(cfg: FireConfig, inputs: list[Path] | None = None) -> Iterator[Sta
     run = StageRun(dir=out, cfg=cfg, inputs=inputs, identity=ident)
     yield run
     write_manifest(run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def write_manifest(run: StageRun) -> Path:
@@ -314,6 +341,7 @@ def write_manifest(run: StageRun) -> Path:
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "device": os.environ.get("FIRE_DEVICE") or ("cuda" if _cuda() else "cpu"),
         "inputs": {str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p): sha256_tree(p, BOOKKEEPING)
                    for p in run.inputs},
         "outputs": outputs,

@@ -79,7 +79,7 @@ def test_loading_twice_in_one_process():
         ("world.font_path=/no/such/font.ttf", "'world.font_path' names a missing file: /no/such/font.ttf"),
         ("train.deepspeed=conf/deepspeed/zero9.json", "'train.deepspeed' names a missing file"),
         # unknown group options
-        ("scale=huge", "no config 'scale/huge'; available for 'scale': ['default', 'paper', 'smoke']"),
+        ("scale=huge", "no config 'scale/huge'; available for 'scale': ['default', 'gpu_smoke', 'paper', 'smoke']"),
         ("model=nothere", "no config 'model/nothere'"),
     ],
 )

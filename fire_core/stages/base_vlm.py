@@ -63,11 +63,19 @@ def run(cfg: FireConfig) -> BaseResult:
                                                               cfg.train.max_per_family, cfg.seed))
             # which train rows the base VLM saw: later stages (DRESS's feedback set) must not reuse them
             provenance.write_json_atomic(run.dir / "train_ids.json", sorted(train_rows["id"]))
-            tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
-            processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
-            torch.manual_seed(cfg.seed)  # the random initial weights
-            model = models.build_model(cfg.model, processor)
-            if cfg.train.language_pretrain_steps > 0:  # the LLM that LLaVA starts from
+            if cfg.model.kind == "paper_like":  # the 8B's classes, template and layout at toy sizes (GPU smoke)
+                init_dir = models.build_paper_like(run.dir / "init", tokenizer_corpus(ds["train"]), cfg.world.image_size,
+                                                   cfg.model.hidden_size, cfg.model.num_layers, cfg.model.vocab_size,
+                                                   cfg.seed)
+                model, processor = models.load(init_dir)
+                tok = processor.tokenizer
+                shutil.rmtree(init_dir)
+            else:
+                tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
+                processor = models.build_processor(tok, cfg.model, cfg.world.image_size)
+                torch.manual_seed(cfg.seed)  # the random initial weights
+                model = models.build_model(cfg.model, processor)
+            if cfg.train.language_pretrain_steps > 0 and cfg.model.kind == "tiny":  # the LLM that LLaVA starts from
                 text_rows = ds["train"].remove_columns("image").to_list()
                 val_rows = ds["val"].remove_columns("image").to_list()
                 docs = language.corpus(text_rows, cfg.train.language_drills, random.Random(cfg.seed))
@@ -76,7 +84,7 @@ def run(cfg: FireConfig) -> BaseResult:
                                          heldout=language.drills(val_rows, 400, random.Random(provenance.derived_seed(cfg.seed, "language_drills"))))
                 log.info("language pretraining: drill accuracy %.3f -> %.3f in %.0f s", lang.drill_accuracy_before,
                          lang.drill_accuracy_after, lang.seconds)
-            if cfg.train.vision_pretrain_steps > 0:
+            if cfg.train.vision_pretrain_steps > 0 and cfg.model.kind == "tiny":
                 vision = pretrain_vision(model, ds["train"], cfg.train.vision_pretrain_steps, 64,
                                          cfg.train.vision_pretrain_lr, cfg.seed)
                 log.info("vision pretraining: patch accuracy %s in %.0f s", vision.patch_accuracy, vision.seconds)
