@@ -213,6 +213,15 @@ def _chunks(samples: Iterable[dict[str, Any]], size: int | None) -> Iterator[Ite
         yield chunk
 
 
+def judge_turn(sample: dict[str, Any], response: str) -> bool | None:
+    """The ground truth's verdict on a turn, chosen per data source: the world's answer checker
+    for world samples; ``None`` for real data (``judge: teacher``), judged by the teacher's
+    score alone, as the paper does."""
+    if sample.get("judge", "checker") != "checker":
+        return None
+    return checker.is_correct(sample["family"], response, sample["answer"])
+
+
 def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, seed: int, store=None,
         source: str | None = None, progress: bool = True, total: int | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None, done: set[str] | None = None,
@@ -298,7 +307,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
                     s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
                                     "parsable": rep["parsable"], "raw": rep["raw"],
-                                    "correct": checker.is_correct(s.sample["family"], r, s.sample["answer"])})
+                                    "correct": judge_turn(s.sample, r)})
                     stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
                             else "max_turns" if len(s.turns) >= dcfg.max_turns else None)
                     if stop is None:

@@ -89,6 +89,8 @@ def leaks_answer(text: str, answer: str, family: str, question: str = "") -> boo
     """Does feedback state the ground truth? (A whole-word match of the normalised answer; for
     multiple choice, naming the right option. A number that the question itself contains, such
     as 'row 3', is not a leak.)"""
+    if not str(answer).strip():  # real data without a ground truth: nothing to leak
+        return False
     t = " " + normalize(text) + " "
     if family == "choice":
         return re.search(rf"\boption {answer.strip().lower()}\b", t) is not None

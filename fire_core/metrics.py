@@ -118,16 +118,25 @@ def truth_metrics(correct: Sequence[Sequence[bool]], max_turns: int = 5) -> dict
     return {**_point(per_dialogue(correct=correct, max_turns=max_turns)), "n": len(correct)}
 
 
+def has_truth(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether every turn of every record has the answer checker's verdict. Real data (the
+    released FIRE files) is judged by the teacher's score alone: its turns have ``correct: None``."""
+    return all(t.get("correct") is not None for r in records for t in r["turns"])
+
+
 def _record_arrays(records: Sequence[dict[str, Any]], threshold: int, max_turns: int) -> dict[str, np.ndarray]:
-    return per_dialogue([[t["score"] for t in r["turns"]] for r in records],
-                        [[bool(t["correct"]) for t in r["turns"]] for r in records], threshold, max_turns)
+    correct = [[bool(t["correct"]) for t in r["turns"]] for r in records] if has_truth(records) else None
+    return per_dialogue([[t["score"] for t in r["turns"]] for r in records], correct, threshold, max_turns)
 
 
 def dialogue_metrics(records: Sequence[dict[str, Any]], threshold: int = 8, max_turns: int = 5) -> dict[str, float]:
-    """Both sets of metrics for engine records (``turns`` with ``score`` and ``correct``)."""
+    """The teacher-score metrics for engine records, and the ground-truth ones when every turn
+    has the checker's verdict (``correct``)."""
     scores = [[t["score"] for t in r["turns"]] for r in records]
-    correct = [[bool(t["correct"]) for t in r["turns"]] for r in records]
-    return {**free_metrics(scores, threshold, max_turns), **truth_metrics(correct, max_turns)}
+    out = free_metrics(scores, threshold, max_turns)
+    if has_truth(records):
+        out.update(truth_metrics([[bool(t["correct"]) for t in r["turns"]] for r in records], max_turns))
+    return out
 
 
 EMPTY = "emptyresponse"  # stands in for a text with no words (BLEU needs one token)
@@ -247,10 +256,13 @@ def paired_bootstrap(records_a, records_b, threshold: int, max_turns: int, n_boo
 
 
 def solved_by_turn(records, threshold: int, max_turns: int) -> dict[str, list[float]]:
-    """Share of dialogues satisfied (teacher) and correct (truth) by turn t = 1..max_turns."""
+    """Share of dialogues satisfied (teacher) and correct (truth, when the records have the
+    checker's verdicts) by turn t = 1..max_turns."""
     p = _record_arrays(records, threshold, max_turns)
-    return {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)],
-            "truth": [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]}
+    out = {"teacher": [float((p["t_star"] <= t).mean()) for t in range(1, max_turns + 1)]}
+    if "t_truth" in p:  # real data has no checker's verdicts
+        out["truth"] = [float((p["t_truth"] <= t).mean()) for t in range(1, max_turns + 1)]
+    return out
 
 
 def chair(captions: Sequence[str], objects: Sequence[Sequence[str]], n_bootstrap: int = 1000, ci: float = 0.95,

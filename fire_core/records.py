@@ -71,7 +71,7 @@ def dialogue_record(sample: dict[str, Any], turns: list[dict[str, Any]], rid: st
     dialogues and FIRE-Bench alike. ``sample`` is a world row or a sample record (``family`` and
     ``split``); ``image`` names the image by split and id; ``meta`` says who wrote it."""
     split = sample.get("split", "train")
-    rec = {"id": sample["id"], "request_id": rid, "image": f"world/{split}/{sample['id']}",
+    rec = {"id": sample["id"], "request_id": rid, "image": sample.get("image_path") or f"world/{split}/{sample['id']}",
            "question": sample["question"], "answer": sample["answer"], "task": sample["family"], "split": split,
            "source": source, "turns": turns, "meta": meta}
     if stop is not None:

@@ -13,11 +13,50 @@ from fire_core import annotate, files, metrics, models, plots, prompts, provenan
 from fire_core import eval as evaluate
 from fire_core.annotate import PROMPT_VERSION, oracle_dialogue
 from fire_core.files import request_id
-from fire_core.records import dialogue_record, is_heldout, sample_record, select_per_family
+from fire_core.records import (
+    dialogue_record,
+    is_heldout,
+    load_fire,
+    missing_images,
+    open_image,
+    sample_record,
+    select_per_family,
+)
 from fire_core.sft import Example, FitResult, SFTDataset, fit
 from fire_core.vision import freeze_vision
 
 log = logging.getLogger(__name__)
+
+
+def hub_fire(cfg, which: str, split: str) -> list[dict[str, Any]]:
+    """FIRE's released file ``which`` (``fire_train``, ``fire_1m``, ``fire_test``) as internal
+    records (at most ``data.max_records``), judged by the teacher's score alone. Every image is
+    checked before any work: a missing one fails with how many and which."""
+    files = cfg.data.files()
+    recs = load_fire(files[which], files["image_dir"], split=split)
+    if cfg.data.max_records:
+        recs = recs[: cfg.data.max_records]
+    n, first = missing_images(recs)
+    if n:
+        raise FileNotFoundError(f"{n} of {len(recs)} records of {files[which]} name images that are not in "
+                                f"{files['image_dir']}, e.g. {first}")
+    for r in recs:
+        r["meta"]["judge"] = "teacher"
+    return recs
+
+
+def hub_samples(recs: list[dict[str, Any]], rid_of: Callable[[str], str]):
+    """Engine samples from real-data records: judged by the teacher alone (no checker)."""
+    for r in recs:
+        yield {"id": r["id"], "request_id": rid_of(r["id"]), "question": r["question"], "answer": r["answer"],
+               "family": r["task"], "split": r["split"], "image": open_image(r["image"]), "image_path": r["image"],
+               "judge": "teacher"}
+
+
+def record_images(recs: list[dict[str, Any]]) -> Callable[[str], Any]:
+    """id -> image for records whose ``image`` is a file path (real data)."""
+    path_of = {r["id"]: r["image"] for r in recs}
+    return lambda i: open_image(path_of[i])
 
 
 def load_base(cfg, base_dir: Path):
@@ -53,7 +92,7 @@ def fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: P
     if prepare is not None:
         prepare(model, processor)
     dataset = SFTDataset(examples, processor, cfg.model.max_length)
-    held = SFTDataset(heldout, processor, cfg.model.max_length)
+    held = SFTDataset(heldout, processor, cfg.model.max_length) if heldout else None
     log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
              dataset.n_trainable_tokens)
     result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir, heldout=held)
@@ -63,7 +102,7 @@ def fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: P
                       "tokens": result.tokens, "trained_tokens": result.trainable_tokens,
                       "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
                       "heldout_loss_before": result.heldout_loss_before,
-                      "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(held),
+                      "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(held) if held else 0,
                       "resumed_from": result.resumed_from, "params": models.param_count(result.model)})
     return result, processor
 
@@ -78,7 +117,7 @@ def load_fire100k(cfg, solved_first: bool = False) -> tuple[list[dict[str, Any]]
     recs = [json.loads(line) for line in open(d / "fire100k.jsonl")]
     held = [r for r in recs if is_heldout(r["id"], cfg.dialogue.heldout_fraction)]
     train = [r for r in recs if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]
-    if solved_first:
+    if solved_first and (d / "raw").is_dir():  # real data (data.source=hub) has no raw shards
         kept = {r["id"] for r in recs}
         extra = {}
         for r in files.ShardStore(d / "raw", cfg.annotator.n_shards).records():

@@ -96,6 +96,8 @@ def run(cfg: FireConfig) -> Fire100kResult:
 
 
     t0 = time.time()
+    if cfg.data.source == "hub":
+        return _released(cfg, t0)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     ds = world.load(cfg)["train"]
@@ -192,4 +194,27 @@ def run(cfg: FireConfig) -> Fire100kResult:
         run.extra.update({"kept": len(kept), "generated": len(records), "dropped": dict(dropped),
                           "bad_images": len(stats.bad_images)})
     return Fire100kResult(dir=run.dir, kept=kept, dropped=dropped, stats=table, gen_stats=stats,
+                          seconds=time.time() - t0)
+
+
+def _released(cfg: FireConfig, t0: float) -> Fire100kResult:
+    """``data.source=hub``: FIRE-100K is the released FIRE-train-100K (GPT-4V's dialogues), read
+    into the same ``fire100k.jsonl`` that stages 03-05 train on, with its statistics. Nothing is
+    generated; every image is checked before anything is written."""
+    import time
+
+    provenance.require_stage(cfg, "01_train_base_vlm")
+    src = cfg.data.files()["fire_train"]
+    recs = stage_common.hub_fire(cfg, "fire_train", "train")  # every image checked before the stage starts
+    with provenance.stage_run(cfg, inputs=[src]) as run:
+        write_jsonl(run.dir / "fire100k.jsonl", recs)
+        table = statistics(recs)
+        table.to_csv(run.dir / "fire100k_stats.csv", index=False, float_format="%.2f")
+        score_by_turn(recs).to_csv(run.dir / "score_by_turn.csv")
+        stats = GenStats(requested=len(recs))
+        provenance.write_json_atomic(run.dir / "gen_stats.json", {
+            "source": src.name, "records": len(recs), "unscored_turns": sum(t["score"] is None for r in recs
+                                                                            for t in r["turns"])})
+        run.extra.update({"kept": len(recs), "source": str(src), "seconds": round(time.time() - t0, 1)})
+    return Fire100kResult(dir=run.dir, kept=recs, dropped=Counter(), stats=table, gen_stats=stats,
                           seconds=time.time() - t0)

@@ -59,6 +59,8 @@ def run(cfg: FireConfig) -> BenchResult:
 
 
     t0 = time.time()
+    if cfg.data.source == "hub":
+        return _released(cfg, t0)
     dirs = {s: provenance.require_stage(cfg, s) for s in ("00_build_world", "01_train_base_vlm", "03_train_teacher",
                                                           "04_train_student", "05_simulate_fire1m")}
     ds = world.load(cfg)
@@ -256,3 +258,91 @@ def paper_table(free, provider: str, subset: str = "all"):
     if "AT_rel" in t:
         show.insert(1, "AT_rel", t.AT_rel.round(2).values)
     return show
+
+
+def _released(cfg: FireConfig, t0: float) -> BenchResult:
+    """``data.source=hub``: FIRE-Bench on the released FIRE-test. The fixed setting replays its
+    gold conversations (student and teacher turns); the free setting runs each student with the
+    trained teacher, judged by the teacher's score alone, as the paper does (no oracle, no
+    checker: real data has neither). Models are loaded one at a time beside the teacher, so a GPU
+    holds at most two."""
+    import gc
+
+    import pandas as pd
+    import torch
+
+    dirs = {s: provenance.require_stage(cfg, s) for s in ("01_train_base_vlm", "03_train_teacher",
+                                                          "04_train_student", "05_simulate_fire1m")}
+    b, d = cfg.bench, cfg.dialogue
+    src = cfg.data.files()["fire_test"]
+    gold = stage_common.hub_fire(cfg, "fire_test", "test")
+    gold_scored = [r for r in gold if all(t["score"] is not None for t in r["turns"])]
+    images = {r["id"]: records.open_image(r["image"]) for r in gold}
+    student_dirs = {"base": None, "fire100k_student": dirs["04_train_student"] / "model",
+                    "fire_student": dirs["05_simulate_fire1m"] / "fire_student"}
+
+    def load_student(name):
+        if student_dirs[name] is None:
+            return stage_common.load_base(cfg, dirs["01_train_base_vlm"])
+        return models.load(student_dirs[name])
+
+    def release():
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    with provenance.stage_run(cfg, inputs=[src, dirs["01_train_base_vlm"] / "model", dirs["03_train_teacher"] / "model",
+                                           *[p for p in student_dirs.values() if p is not None]]) as run:
+        files.write_jsonl(run.dir / "gold_dialogues.jsonl", gold)
+        teacher = models.load(dirs["03_train_teacher"] / "model")
+        t_turns = evaluate.teacher_fixed(*teacher, gold_scored, images, d.teacher_max_new_tokens,
+                                         cfg.model.generate_batch_size, d.score_min, d.score_max) if gold_scored else []
+        fixed_teacher = pd.DataFrame([{"subset": "all", **evaluate.teacher_summary(t_turns, d.threshold)}] if t_turns else [])
+        t_role = dialogue.hf_role("teacher", *teacher, d.teacher_max_new_tokens, d.cache_prefix)
+        fixed_rows, fixed_preds, free_records = [], [], []
+        for name in student_dirs:  # one student in memory at a time, beside the teacher
+            m, p = load_student(name)
+            preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, cfg.model.generate_batch_size,
+                                           desc=f"{name} fixed")
+            for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
+                if sel:
+                    key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
+                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **metrics.text_metrics(
+                        {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
+            fixed_preds += [{**x, "model": name} for x in preds]
+            s_role = dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
+            rid = lambda i, name=name: files.request_id(i, "firebench", name, "teacher")  # noqa: E731
+            res = dialogue.run(stage_common.hub_samples(gold, rid), s_role, t_role, d, cfg.seed,
+                               source=f"{name}xteacher", total=len(gold))
+            free_records += [{**r, "provider": "teacher", "model": name} for r in res.records]
+            del m, p, s_role
+            release()
+        fixed_student = pd.DataFrame(fixed_rows)
+        fixed_student.to_csv(run.dir / "fixed_student.csv", index=False, float_format="%.4f")
+        fixed_teacher.to_csv(run.dir / "fixed_teacher.csv", index=False, float_format="%.4f")
+        files.write_jsonl(run.dir / "fixed_predictions.jsonl", fixed_preds + [{**t, "model": "teacher"} for t in t_turns])
+        files.write_jsonl(run.dir / "free_dialogues.jsonl", free_records)
+        table, curves = [], {}
+        for name in student_dirs:
+            recs = [r for r in free_records if r["model"] == name]
+            table.append({"provider": "teacher", "model": name, "subset": "all",
+                          **bootstrap_metrics(recs, d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)})
+            curves[f"teacher/{name}"] = solved_by_turn(recs, d.threshold, d.max_turns)
+        free = pd.DataFrame(table)
+        base_at = free.loc[free.model == "base", "AT"].iloc[0]
+        free["AT_rel"] = free["AT"] / base_at if base_at else float("nan")
+        paired = pd.DataFrame([{"provider": "teacher", "model_a": a, "model_b": bb, "subset": "all",
+                                **paired_bootstrap([r for r in free_records if r["model"] == a],
+                                                   [r for r in free_records if r["model"] == bb],
+                                                   d.threshold, d.max_turns, b.n_bootstrap, b.ci, cfg.seed)}
+                               for a, bb in PAIRS])
+        free.to_csv(run.dir / "free_dialogue.csv", index=False, float_format="%.4f")
+        paired.to_csv(run.dir / "paired_differences.csv", index=False, float_format="%.4f")
+        provenance.write_json_atomic(run.dir / "solved_by_turn_curves.json", curves)
+        summary = {"data": "hub", "source": str(src), "test_dialogues": len(gold),
+                   "headline": free[["provider", "model", *HEADLINE, "AT_rel"]].to_dict("records"),
+                   "not_run": "oracle provider and answer-checker metrics (real data has neither)"}
+        provenance.write_json_atomic(run.dir / "fire_bench.json", summary)
+        run.extra.update({**summary, "seconds": round(time.time() - t0, 1)})
+    return BenchResult(dir=run.dir, free=free, per_family=None, fixed_student=fixed_student,
+                       fixed_teacher=fixed_teacher, curves=curves, paired=paired, seconds=time.time() - t0)

@@ -10,6 +10,7 @@ from fire_core import dialogue, files, metrics, models, provenance, records, wor
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, select_per_family
 from fire_core.sft import FitResult, student_examples
+from fire_core.stages import common as stage_common
 from fire_core.stages.common import first_turn_report, fit_from_base, load_base, load_fire100k
 
 
@@ -30,6 +31,8 @@ def run(cfg: FireConfig) -> StudentResult:
     import pandas as pd
 
 
+    if cfg.data.source == "hub":
+        return _released(cfg)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
@@ -68,3 +71,23 @@ def run(cfg: FireConfig) -> StudentResult:
                           "refinement_first_look": refinement.set_index("model")[["AT", "ADR", "ATR", "RR"]].to_dict("index")})
     return StudentResult(dir=run.dir, model_dir=model_dir, first_turn=table, first_turn_difference=diff,
                          refinement=refinement, fit=result)
+
+
+def _released(cfg: FireConfig) -> StudentResult:
+    """``data.source=hub``: the FIRE100K student trained on the released FIRE-100K's student
+    turns; its held-out loss is measured. The first-turn accuracy and the first refinement look
+    run on world samples with the answer checker, so they do not run here (stage 06 evaluates
+    the students on FIRE-test with the teacher)."""
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    provenance.require_stage(cfg, "03_train_teacher")
+    train_recs, held = load_fire100k(cfg)
+    image_of = stage_common.record_images(train_recs + held)
+    with provenance.stage_run(cfg, inputs=[base_dir / "model", f100_dir / "fire100k.jsonl"]) as run:
+        model_dir = run.dir / "model"
+        result, _ = fit_from_base(cfg, base_dir, student_examples(train_recs, image_of), run, model_dir,
+                                  "FIRE100K student", student_examples(held, image_of))
+        run.extra.update({"data": "hub", "train_dialogues": len(train_recs), "heldout_dialogues": len(held),
+                          "not_run": "first-turn accuracy and refinement look (world samples, answer checker)"})
+    return StudentResult(dir=run.dir, model_dir=model_dir, first_turn=None, first_turn_difference={},
+                         refinement=None, fit=result)

@@ -12,6 +12,7 @@ from fire_core import eval as evaluate
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, is_heldout, select_per_family
 from fire_core.sft import FitResult, teacher_examples
+from fire_core.stages import common as stage_common
 from fire_core.stages.common import fit_from_base, gold_dialogues, load_base, load_fire100k
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def judgement_warmup(cfg, ds, model, processor, run) -> None:
 
 
     steps = cfg.train.judgement_warmup_steps
-    if steps <= 0:
+    if steps <= 0 or cfg.model.kind != "tiny":  # scaffolding for a decoder trained from scratch, in our template
         return
     rows = [r for r in ds["train"].remove_columns("image").to_list()
             if not is_heldout(r["id"], cfg.dialogue.heldout_fraction)]  # never a held-out dialogue's sample
@@ -75,6 +76,8 @@ def run(cfg: FireConfig) -> TeacherResult:
     import pandas as pd
 
 
+    if cfg.data.source == "hub":
+        return _released(cfg)
     world_dir = provenance.require_stage(cfg, "00_build_world")
     base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
     f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
@@ -141,4 +144,39 @@ def run(cfg: FireConfig) -> TeacherResult:
                           "eval": {g: {k: float(head.loc[g, k]) for k in ("score_mae", "unparsable_share", "satisfied_agreement",
                                                                           "leak_share", "BLEU_4", "CIDEr")}
                                    for g in ("seen", "unseen") if g in head.index}})
+    return TeacherResult(dir=run.dir, model_dir=model_dir, summary=summary, turns=turns, fit=result)
+
+
+def _released(cfg: FireConfig) -> TeacherResult:
+    """``data.source=hub``: the teacher trained on the released FIRE-100K's teacher turns (the
+    dialogues whose every turn has a score) and evaluated turn by turn on its held-out
+    dialogues against the released scores and feedback. The world's probes, judgement drills
+    and unseen-family gold dialogues need the answer checker, so they do not run here."""
+    import pandas as pd
+
+    base_dir = provenance.require_stage(cfg, "01_train_base_vlm")
+    f100_dir = provenance.require_stage(cfg, "02_generate_fire100k")
+    train_recs, held = load_fire100k(cfg)
+    scored = lambda r: all(t["score"] is not None for t in r["turns"])  # noqa: E731
+    train_recs, held = [r for r in train_recs if scored(r)], [r for r in held if scored(r)]
+    image_of = stage_common.record_images(train_recs + held)
+    with provenance.stage_run(cfg, inputs=[base_dir / "model", f100_dir / "fire100k.jsonl"]) as run:
+        model_dir = run.dir / "model"
+        result, processor = fit_from_base(cfg, base_dir, teacher_examples(train_recs, image_of), run, model_dir,
+                                           "Teacher", teacher_examples(held, image_of))
+        turns = evaluate.teacher_fixed(result.model, processor, held, {r["id"]: image_of(r["id"]) for r in held},
+                                       cfg.dialogue.teacher_max_new_tokens, cfg.model.generate_batch_size,
+                                       cfg.dialogue.score_min, cfg.dialogue.score_max) if held else []
+        rows = []
+        groups = [("heldout", turns)] + [(f"turn {k}", [t for t in turns if t["turn"] == k])
+                                         for k in range(1, cfg.dialogue.max_turns + 1)]
+        groups += [(src, [t for t in turns if t["family"] == src]) for src in sorted({t["family"] for t in turns})]
+        for name, sel in groups:
+            if sel:
+                rows.append({"group": name, **evaluate.teacher_summary(sel, cfg.dialogue.threshold)})
+        summary = pd.DataFrame(rows)
+        summary.to_csv(run.dir / "teacher_eval.csv", index=False, float_format="%.4f")
+        files.write_jsonl(run.dir / "teacher_turns.jsonl", turns)
+        run.extra.update({"data": "hub", "train_dialogues": len(train_recs), "heldout_dialogues": len(held),
+                          "not_run": "probe, judgement drills, unseen-family gold dialogues (they need the world's checker)"})
     return TeacherResult(dir=run.dir, model_dir=model_dir, summary=summary, turns=turns, fit=result)
