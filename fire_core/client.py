@@ -32,7 +32,9 @@ from typing import Any
 # are replies that arrived but cannot be used.
 FAILURE_CLASSES = ("rate_limited", "transient", "malformed_body", "bad_request", "truncated", "unparsable")
 RETRY_CAP_S = 30.0  # the longest single wait between attempts
-BACKOFF_S = 0.5  # the first back-off; it doubles with every attempt
+# the first back-off; it doubles with every attempt. Only timing depends on it, never a result:
+# the tests' fault-injecting server runs set FIRE_RETRY_BACKOFF_S lower to finish sooner.
+BACKOFF_S = float(os.environ.get("FIRE_RETRY_BACKOFF_S", "0.5"))
 
 
 class AnnotatorError(RuntimeError):
@@ -107,6 +109,46 @@ class RateLimiter:
             await asyncio.sleep(start - now)
 
 
+class Session:
+    """One OpenAI-compatible client for a whole run of many calls (the dialogue engine calls a
+    role once per step): its event loop runs in a thread of its own, so the client and its
+    connection pool live as long as the session, and a call from a notebook (whose kernel runs
+    its own loop) works too. ``close()`` ends it::
+
+        s = client.Session(ep, who="the teacher role")
+        outcomes = s.run(client.chat_many(ep, messages, {"max_tokens": 48}, tally, client=s.client))
+        s.close()
+    """
+
+    def __init__(self, ep: Endpoint, who: str = "a role"):
+        import threading
+
+        self.ep = ep
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"openai-{ep.model}", daemon=True)
+        self.thread.start()
+        self.client = self.run(self._make(ep.api_key(who)))
+
+    async def _make(self, key: str):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.ep.base_url, api_key=key, timeout=self.ep.timeout_s,
+                                  max_retries=0)  # our retries: Retry-After honoured, longer back-off
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(self.client.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+
+
 def run_async(coro):
     """Run a coroutine to completion, also inside Jupyter (whose kernel already runs a loop)."""
     with ThreadPoolExecutor(1) as pool:
@@ -162,14 +204,18 @@ async def _one(client, ep: Endpoint, k: int, messages, create_kw: dict[str, Any]
 
 async def chat_many(ep: Endpoint, message_lists: Sequence[list[dict[str, Any]]], create_kw: dict[str, Any],
                     tally: Tally, check: Callable[[int, str], Any] | None = None, who: str = "a role",
-                    on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+                    on_done: Callable[[int, Outcome], None] | None = None, client=None) -> list[Outcome]:
     """Chat completions for every message list, ``ep.concurrency`` in flight, each retried as
     the module docstring says. ``check(index, text)`` turns a reply into the outcome's value or
-    raises :class:`Unusable`; ``on_done(index, outcome)`` is called as each request finishes."""
+    raises :class:`Unusable`; ``on_done(index, outcome)`` is called as each request finishes.
+    ``client``: a :class:`Session`'s client, kept open for the next call; else one is made and
+    closed here."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=ep.api_key(who), timeout=ep.timeout_s,
-                                max_retries=0)  # our retries: Retry-After honoured, longer back-off
+    own = client is None
+    if own:
+        client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=ep.api_key(who), timeout=ep.timeout_s,
+                                    max_retries=0)  # our retries: Retry-After honoured, longer back-off
     sem = asyncio.Semaphore(ep.concurrency)
     limiter = RateLimiter(ep.requests_per_minute) if ep.requests_per_minute else None
     tally.requests += len(message_lists)
@@ -184,4 +230,5 @@ async def chat_many(ep: Endpoint, message_lists: Sequence[list[dict[str, Any]]],
     try:
         return list(await asyncio.gather(*(run(k, m) for k, m in enumerate(message_lists))))
     finally:
-        await client.close()
+        if own:
+            await client.close()

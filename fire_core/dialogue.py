@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fire_core import checker, feedback, models, prompts
-from fire_core.client import Endpoint, Tally, chat_many, image_data_url, run_async
+from fire_core.client import Endpoint, Session, Tally, chat_many, image_data_url
 from fire_core.files import request_id
 from fire_core.records import dialogue_record
 
@@ -54,6 +54,7 @@ class Role:
     max_new_tokens: int = 64
     cache_prefix: bool = True
     generator: Any = None  # PrefixCachedGenerator, made on first use
+    session: Any = None  # openai: one client.Session per engine run, made on first use
     # the student's prompt from (question, earlier turns); None: FIRE's (prompts.student_prompt).
     # A DRESS model answers under its own prompt (prompts.dress_student_prompt).
     prompt: Callable[[str, list[prompts.Turn]], list[dict[str, Any]]] | None = None
@@ -131,8 +132,11 @@ def _generate(role: Role, keys: list[Any], convs: list[list[dict[str, Any]]], st
     if role.kind == "openai":
 
         messages = [_openai_messages(c, s.data_url()) for c, s in zip(convs, states, strict=True)]
-        outcomes = run_async(chat_many(_endpoint(role), messages, {"temperature": 0.0, "max_tokens": role.max_new_tokens},
-                                       tally, who=f"the '{role.name}' role"))
+        ep = _endpoint(role)
+        if role.session is None:  # one client for the whole run, not one per engine step
+            role.session = Session(ep, who=f"the '{role.name}' role")
+        outcomes = role.session.run(chat_many(ep, messages, {"temperature": 0.0, "max_tokens": role.max_new_tokens},
+                                              tally, who=f"the '{role.name}' role", client=role.session.client))
         return [o.value if o.failure is None else None for o in outcomes]
     raise ValueError(f"role kind '{role.kind}' cannot generate")
 
@@ -331,6 +335,10 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
         for s in active:  # interrupted: nothing cached survives
             _forget(student, s.key)
             _forget(teacher, s.key)
+        for role in (student, teacher):
+            if role.session is not None:
+                role.session.close()
+                role.session = None
     timing["total"] = time.perf_counter() - t_start
     timing["other"] = timing["total"] - timing["student"] - timing["teacher"]
     return EngineResult(records=records, timing=timing, steps=steps, student_tokens=tokens["student"],

@@ -147,7 +147,7 @@ def test_openai_backend_against_the_local_server(smoke_root, tmp_path, faults):
         run_stage("fire100k", "02_generate_fire100k", root, ["annotator=openai", f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
                           "annotator.timeout_s=1.5", "annotator.max_retries=8", "annotator.concurrency=4",
                           "annotator.max_failure_rate=1.0"],
-                   env={"OPENAI_API_KEY": "local-test-key"})
+                   env={"OPENAI_API_KEY": "local-test-key", "FIRE_RETRY_BACKOFF_S": "0.05"})
     finally:
         server.kill()
     got = [json.loads(line) for line in _kept(root)]

@@ -189,6 +189,16 @@ def test_openai_backend_simulation_against_the_local_server(trained, smoke_root,
                            "--fault-429", "0.1", "--fault-500", "0.1", "--seed", "3")
     monkeypatch.setenv("FIRE_STUDENT_API_KEY", "local-student-key")
     monkeypatch.setenv("FIRE_TEACHER_API_KEY", "local-teacher-key")
+    import openai
+
+    made = []
+
+    class Counted(openai.AsyncOpenAI):
+        def __init__(self, *a, **kw):
+            made.append(kw["api_key"])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", Counted)
     try:
         url = f"http://127.0.0.1:{port}/v1"
         d = replace(cfg.dialogue, batch_size=4, max_turns=3)
@@ -200,6 +210,8 @@ def test_openai_backend_simulation_against_the_local_server(trained, smoke_root,
     local = dialogue.run(samples[:6], dialogue.hf_role("student", sm, sp, 12, cache_prefix=False),
                          dialogue.hf_role("teacher", tm, tp, 16, cache_prefix=False), d, seed=0, progress=False)
     assert _turns(remote.records) == _turns(local.records)
+    assert remote.steps > 1  # several engine steps, and still one client per role for the run
+    assert sorted(made) == ["local-student-key", "local-teacher-key"]
     assert remote.retried["rate_limited"] + remote.retried["transient"] > 0  # faults were met and retried
     assert not remote.failures  # and every request got through in the end
 
