@@ -74,23 +74,33 @@ def run(cfg: FireConfig) -> BenchResult:
     with provenance.stage_run(cfg, inputs=[dirs["00_build_world"] / "dataset", dirs["01_train_base_vlm"] / "model",
                                            dirs["03_train_teacher"] / "model", dirs["04_train_student"] / "model",
                                            dirs["05_simulate_fire1m"] / "fire_student"]) as run:
+        # one student in memory at a time, beside the teacher (a GPU holds at most two models)
+        student_dirs = {"base": None, "fire100k_student": dirs["04_train_student"] / "model",
+                        "fire_student": dirs["05_simulate_fire1m"] / "fire_student"}
         base = stage_common.load_base(cfg, dirs["01_train_base_vlm"])
-        students = {"base": base, "fire100k_student": models.load(dirs["04_train_student"] / "model"),
-                    "fire_student": models.load(dirs["05_simulate_fire1m"] / "fire_student")}
-        teacher = models.load(dirs["03_train_teacher"] / "model")
         # gold dialogues (fixed setting): the oracle on the test samples
         gold = stage_common.gold_dialogues(rows, *base, cfg)
         files.write_jsonl(run.dir / "gold_dialogues.jsonl", gold)
-        # fixed dialogue: students
-        fixed_rows, fixed_preds = [], []
-        for name, (m, p) in students.items():
+        teacher = models.load(dirs["03_train_teacher"] / "model")
+        providers = {"teacher": dialogue.hf_role("teacher", *teacher, d.teacher_max_new_tokens, d.cache_prefix),
+                     "oracle": dialogue.oracle_role()}
+        fixed_rows, fixed_preds, free_by = [], [], {}
+        for name, path in student_dirs.items():
+            m, p = base if path is None else models.load(path)
+            # fixed dialogue: the student's turns from the gold history
             preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, cfg.model.generate_batch_size, desc=f"{name} fixed")
-            for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
-                if sel:
-                    key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
-                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **metrics.text_metrics(
-                        {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
+            fixed_rows += fixed_student_rows(name, preds)
             fixed_preds += [{**x, "model": name} for x in preds]
+            # free dialogue: the student with every feedback provider
+            s_role = dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
+            for prov, t_role in providers.items():
+                rid = lambda i, name=name, prov=prov: files.request_id(i, "firebench", name, prov)  # noqa: E731
+                res = dialogue.run(records.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
+                                   source=f"{name}x{prov}", total=len(rows))
+                free_by[(prov, name)] = [{**r, "provider": prov, "model": name} for r in res.records]
+            del m, p, s_role
+            base = None if path is None else base
+            _release()
         fixed_student = pd.DataFrame(fixed_rows)
         fixed_student.to_csv(run.dir / "fixed_student.csv", index=False, float_format="%.4f")
         # fixed dialogue: the teacher
@@ -104,22 +114,17 @@ def run(cfg: FireConfig) -> BenchResult:
         fixed_teacher = pd.DataFrame(t_rows)
         fixed_teacher.to_csv(run.dir / "fixed_teacher.csv", index=False, float_format="%.4f")
         files.write_jsonl(run.dir / "fixed_predictions.jsonl", fixed_preds + [{**t, "model": "teacher"} for t in t_turns])
-        # free dialogue: every student with every feedback provider
-        providers = {"teacher": dialogue.hf_role("teacher", *teacher, d.teacher_max_new_tokens, d.cache_prefix),
-                     "oracle": dialogue.oracle_role()}
-        roles = {name: dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
-                 for name, (m, p) in students.items()}
+        roles = list(student_dirs)
         if b.extra_student_endpoint:
-            roles[b.extra_student_model] = dialogue.openai_role(b.extra_student_model, b.extra_student_endpoint, b.extra_student_api_key_env,
-                                                                d.concurrency, d.timeout_s, d.max_retries,
-                                                                d.student_max_new_tokens)
-        free_records = []
-        for prov, t_role in providers.items():
-            for name, s_role in roles.items():
-                rid = lambda i, name=name, prov=prov: files.request_id(i, "firebench", name, prov)  # noqa: E731
-                res = dialogue.run(records.world_samples(rows, rid), s_role, t_role, d, cfg.seed,
-                                   source=f"{name}x{prov}", total=len(rows))
-                free_records += [{**r, "provider": prov, "model": name} for r in res.records]
+            extra = dialogue.openai_role(b.extra_student_model, b.extra_student_endpoint, b.extra_student_api_key_env,
+                                         d.concurrency, d.timeout_s, d.max_retries, d.student_max_new_tokens)
+            roles.append(b.extra_student_model)
+            for prov, t_role in providers.items():
+                rid = lambda i, prov=prov: files.request_id(i, "firebench", extra.name, prov)  # noqa: E731
+                res = dialogue.run(records.world_samples(rows, rid), extra, t_role, d, cfg.seed,
+                                   source=f"{extra.name}x{prov}", total=len(rows))
+                free_by[(prov, extra.name)] = [{**r, "provider": prov, "model": extra.name} for r in res.records]
+        free_records = [r for prov in providers for name in roles for r in free_by[(prov, name)]]
         files.write_jsonl(run.dir / "free_dialogues.jsonl", free_records)
         # tables with confidence intervals
         table, fam_rows, curves = [], [], {}
@@ -176,6 +181,29 @@ def run(cfg: FireConfig) -> BenchResult:
         run.extra.update({**summary, "seconds": round(time.time() - t0, 1)})
     return BenchResult(dir=run.dir, free=free, per_family=per_family, fixed_student=fixed_student,
                        fixed_teacher=fixed_teacher, curves=curves, paired=paired, seconds=time.time() - t0)
+
+
+def _release() -> None:
+    """Give a dropped model's memory back (the GPU's cache too) before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fixed_student_rows(name: str, preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Text metrics of one student's fixed-dialogue turns against the gold ones: over all turns,
+    and over turns 2+ alone (turn 1 of the gold is the base VLM's own answer)."""
+    rows = []
+    for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
+        if sel:
+            key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
+            rows.append({"model": name, "turns": subset, "n": len(sel), **metrics.text_metrics(
+                {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
+    return rows
 
 
 # (model A, model B) pairs compared on the same samples: the paper's orderings
@@ -266,10 +294,7 @@ def _released(cfg: FireConfig, t0: float) -> BenchResult:
     trained teacher, judged by the teacher's score alone, as the paper does (no oracle, no
     checker: real data has neither). Models are loaded one at a time beside the teacher, so a GPU
     holds at most two."""
-    import gc
-
     import pandas as pd
-    import torch
 
     dirs = {s: provenance.require_stage(cfg, s) for s in ("01_train_base_vlm", "03_train_teacher",
                                                           "04_train_student", "05_simulate_fire1m")}
@@ -286,11 +311,6 @@ def _released(cfg: FireConfig, t0: float) -> BenchResult:
             return stage_common.load_base(cfg, dirs["01_train_base_vlm"])
         return models.load(student_dirs[name])
 
-    def release():
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
     with provenance.stage_run(cfg, inputs=[src, dirs["01_train_base_vlm"] / "model", dirs["03_train_teacher"] / "model",
                                            *[p for p in student_dirs.values() if p is not None]]) as run:
         files.write_jsonl(run.dir / "gold_dialogues.jsonl", gold)
@@ -304,11 +324,7 @@ def _released(cfg: FireConfig, t0: float) -> BenchResult:
             m, p = load_student(name)
             preds = evaluate.student_fixed(m, p, gold, images, d.student_max_new_tokens, cfg.model.generate_batch_size,
                                            desc=f"{name} fixed")
-            for subset, sel in (("all turns", preds), ("turns 2+", [x for x in preds if x["turn"] > 1])):
-                if sel:
-                    key = lambda x: f"{x['id']}#{x['turn']}"  # noqa: E731
-                    fixed_rows.append({"model": name, "turns": subset, "n": len(sel), **metrics.text_metrics(
-                        {key(x): x["prediction"] for x in sel}, {key(x): x["reference"] for x in sel}, meteor_rouge=True)})
+            fixed_rows += fixed_student_rows(name, preds)
             fixed_preds += [{**x, "model": name} for x in preds]
             s_role = dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
             rid = lambda i, name=name: files.request_id(i, "firebench", name, "teacher")  # noqa: E731
@@ -316,7 +332,7 @@ def _released(cfg: FireConfig, t0: float) -> BenchResult:
                                source=f"{name}xteacher", total=len(gold))
             free_records += [{**r, "provider": "teacher", "model": name} for r in res.records]
             del m, p, s_role
-            release()
+            _release()
         fixed_student = pd.DataFrame(fixed_rows)
         fixed_student.to_csv(run.dir / "fixed_student.csv", index=False, float_format="%.4f")
         fixed_teacher.to_csv(run.dir / "fixed_teacher.csv", index=False, float_format="%.4f")
