@@ -42,16 +42,10 @@ def device() -> torch.device:
             raise ValueError(f"FIRE_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
         if forced == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("FIRE_DEVICE=cuda, but torch sees no CUDA device on this machine")
-        return torch.device(forced)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def inference_dtype(mcfg_dtype: str | None = None) -> torch.dtype:
-    """Weights for generation: bf16 on a GPU (the paper's models), fp32 on the CPU (the tiny
-    models are trained and evaluated in fp32; bf16 matmuls on this CPU are slower)."""
-    if device().type == "cuda":
-        return getattr(torch, mcfg_dtype) if mcfg_dtype and mcfg_dtype != "float32" else torch.bfloat16
-    return torch.float32
+        return torch.device(forced) if forced == "cpu" else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process of a launch
 
 
 def model_device(model) -> torch.device:

@@ -280,6 +280,20 @@ def _clean_stage_dir(out: Path, ident: str) -> None:
     attempt.write_text(ident + "\n")
 
 
+LAUNCHED = ".launched"  # <run>/.launched/<stage>/: a stage's model trained by a multi-process launch
+
+
+def launch_mode() -> bool:
+    """True inside ``FIRE_LAUNCH=train``: a training stage runs its training only, on every
+    process of a ``deepspeed``/``torchrun``/``accelerate`` launch, into :func:`launched_dir`;
+    the stage's notebook then finds the trained model there and does the rest on one process."""
+    return os.environ.get("FIRE_LAUNCH", "").strip().lower() == "train"
+
+
+def launched_dir(cfg: FireConfig) -> Path:
+    return cfg.run_dir() / LAUNCHED / cfg.stage
+
+
 def apply_runtime(cfg: FireConfig) -> str:
     """Hand ``runtime.device`` to the device policy (``FIRE_DEVICE``); fail before any work when
     the run needs a GPU this machine does not have, or released data files that are not there.
@@ -310,6 +324,12 @@ def stage_run(cfg: FireConfig, inputs: list[Path] | None = None) -> Iterator[Sta
     inputs = [Path(p) for p in (inputs or [])]
     for p in inputs:
         require(p, "stage input")
+    if launch_mode():  # training only, on several processes: never touch the stage's own folder
+        d = launched_dir(cfg)
+        d.mkdir(parents=True, exist_ok=True)
+        make_deterministic(cfg.seed, cfg.train.num_threads)
+        yield StageRun(dir=d, cfg=cfg, inputs=inputs, identity=ident)
+        return
     _clean_stage_dir(out, ident["hash"])
     make_deterministic(cfg.seed, cfg.train.num_threads)
     run = StageRun(dir=out, cfg=cfg, inputs=inputs, identity=ident)

@@ -185,3 +185,30 @@ def test_plan_rejects_a_bad_override_list(tmp_path):
                           "smoke"]) == 2
     with pytest.raises(config.ConfigError, match="unknown stage"):
         pipeline.plan(tmp_path, "x", ["scale=smoke"], "07_nope")
+
+
+@pytest.mark.slow
+def test_a_launched_training_is_used_by_the_stage_and_gives_the_same_model(smoke_root, tmp_path):
+    """FIRE_LAUNCH=train (what `deepspeed --num_gpus N --module fire_core.stages.teacher` runs on
+    every GPU) trains stage 03's model outside the stage's folder; the stage then uses it instead
+    of training again. One process here: the weights equal the smoke run's own stage 03."""
+    import hashlib
+    import sys
+
+    from conftest import REPO, run_stage
+
+    root = copy_stages(smoke_root, tmp_path, ("00_build_world", "01_train_base_vlm", "02_generate_fire100k"))
+    env = {**os.environ, "FIRE_LAUNCH": "train"}
+    proc = subprocess.run([sys.executable, "-m", "fire_core.stages.teacher", "scale=smoke", f"paths.results={root}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched = root / "smoke" / ".launched" / "03_train_teacher"
+    assert (launched / "TRAINED.json").is_file() and (launched / "model" / "model.safetensors").is_file()
+    assert not (root / "smoke" / "03_train_teacher").exists()  # the stage's own folder is never touched
+    run_stage("teacher", "03_train_teacher", root)
+    stage = root / "smoke" / "03_train_teacher"
+    extra = json.loads((stage / "manifest.json").read_text())["extra"]
+    assert extra["trained_by_launch"]["world_size"] == 1
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(stage / "model" / "model.safetensors") == digest(smoke_root / "03_train_teacher" / "model" / "model.safetensors")
+    assert (stage / "teacher_eval.csv").is_file() and (stage / "loss.csv").is_file()

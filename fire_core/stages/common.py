@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from fire_core.records import (
     sample_record,
     select_per_family,
 )
-from fire_core.sft import Example, FitResult, SFTDataset, fit
+from fire_core.sft import Example, FitResult, SFTDataset, fit, heldout_loss
 from fire_core.vision import freeze_vision
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,40 @@ def load_base(cfg, base_dir: Path):
     return models.load(base_dir / "model")
 
 
+def _finish_launch(record: Path, ident: str, result: FitResult) -> None:
+    """Rank 0 records the launched training (the notebook's run reads it), then every process
+    of the launch stops: evaluation runs in the stage's notebook, on one process."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        provenance.write_json_atomic(record, {
+            "identity": ident, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "losses": result.losses, "steps": result.steps, "seconds": result.seconds, "tokens": result.tokens,
+            "trainable_tokens": result.trainable_tokens, "trainable_params": result.trainable_params,
+            "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after})
+    raise SystemExit(0)
+
+
+def result_world_size(record: Path) -> int:
+    return int(json.loads(record.read_text())["world_size"])
+
+
+def _from_launch(cfg, launched: Path, save_dir: Path, heldout: list[Example]):
+    """The model a ``FIRE_LAUNCH=train`` run trained for this very config, copied into the
+    stage; its held-out loss is measured again here."""
+    rec = json.loads((launched / "TRAINED.json").read_text())
+    shutil.copytree(launched / "model", save_dir, dirs_exist_ok=True)
+    model, processor = models.load(save_dir)
+    held = SFTDataset(heldout, processor, cfg.model.max_length) if heldout else None
+    after = heldout_loss(model, held, processor, cfg.train.batch_size) if held is not None else None
+    log.info("using the model trained by a launch of %d process(es) in %s", rec["world_size"], launched)
+    return FitResult(model=model, losses=[tuple(x) for x in rec["losses"]], steps=rec["steps"], seconds=rec["seconds"],
+                     tokens=rec["tokens"], trainable_tokens=rec["trainable_tokens"], resumed_from=None,
+                     trainable_params=rec["trainable_params"], heldout_loss_before=rec["heldout_loss_before"],
+                     heldout_loss_after=after), processor
+
+
 def loss_plot(result: FitResult, run, cfg, title: str) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -86,23 +121,32 @@ def fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: P
     ``heldout`` (chats never trained on) measures the loss before and after training;
     ``prepare(model, processor)`` runs first (the teacher's judgement warm-up)."""
 
-    model, processor = load_base(cfg, base_dir)
-    if cfg.train.freeze_vision:
-        freeze_vision(model)
-    if prepare is not None:
-        prepare(model, processor)
-    dataset = SFTDataset(examples, processor, cfg.model.max_length)
-    held = SFTDataset(heldout, processor, cfg.model.max_length) if heldout else None
-    log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
-             dataset.n_trainable_tokens)
-    result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir, heldout=held)
-    shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
+    launched = provenance.launched_dir(cfg)
+    record = launched / "TRAINED.json"
+    ident = provenance.identity(cfg)["hash"]
+    if not provenance.launch_mode() and record.is_file() and json.loads(record.read_text())["identity"] == ident:
+        result, processor = _from_launch(cfg, launched, save_dir, heldout)
+        run.extra["trained_by_launch"] = {"dir": str(launched), "world_size": result_world_size(record)}
+    else:
+        model, processor = load_base(cfg, base_dir)
+        if cfg.train.freeze_vision:
+            freeze_vision(model)
+        if prepare is not None:
+            prepare(model, processor)
+        dataset = SFTDataset(examples, processor, cfg.model.max_length)
+        held = SFTDataset(heldout, processor, cfg.model.max_length) if heldout else None
+        log.info("%s: %d chats, %d tokens (%d trained)", title, len(dataset), dataset.n_tokens,
+                 dataset.n_trainable_tokens)
+        result = fit(model, processor, dataset, cfg.train, run.dir, seed=cfg.seed, save_dir=save_dir, heldout=held)
+        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
+        if provenance.launch_mode():  # FIRE_LAUNCH=train: the model is trained; the notebook does the rest
+            _finish_launch(record, ident, result)
     loss_plot(result, run, cfg, title)
-    run.extra.update({"train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(dataset),
+    run.extra.update({"train_seconds": round(result.seconds, 1), "steps": result.steps, "examples": len(examples),
                       "tokens": result.tokens, "trained_tokens": result.trainable_tokens,
                       "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
                       "heldout_loss_before": result.heldout_loss_before,
-                      "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(held) if held else 0,
+                      "heldout_loss_after": result.heldout_loss_after, "heldout_chats": len(heldout),
                       "resumed_from": result.resumed_from, "params": models.param_count(result.model)})
     return result, processor
 

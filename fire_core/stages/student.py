@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fire_core import dialogue, files, metrics, models, provenance, records, world
+from fire_core import config, dialogue, files, metrics, models, provenance, records, world
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, select_per_family
 from fire_core.sft import FitResult, student_examples
@@ -91,3 +91,9 @@ def _released(cfg: FireConfig) -> StudentResult:
                           "not_run": "first-turn accuracy and refinement look (world samples, answer checker)"})
     return StudentResult(dir=run.dir, model_dir=model_dir, first_turn=None, first_turn_difference={},
                          refinement=None, fit=result)
+
+
+if __name__ == "__main__":  # FIRE_LAUNCH=train deepspeed --num_gpus N --module fire_core.stages.student scale=paper ...
+    import sys
+
+    run(config.load("04_train_student", sys.argv[1:]))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fire_core import annotate, files, language, provenance, records, world
+from fire_core import annotate, config, files, language, provenance, records, world
 from fire_core import eval as evaluate
 from fire_core.config import FireConfig
 from fire_core.records import image_lookup, is_heldout, select_per_family
@@ -180,3 +180,9 @@ def _released(cfg: FireConfig) -> TeacherResult:
         run.extra.update({"data": "hub", "train_dialogues": len(train_recs), "heldout_dialogues": len(held),
                           "not_run": "probe, judgement drills, unseen-family gold dialogues (they need the world's checker)"})
     return TeacherResult(dir=run.dir, model_dir=model_dir, summary=summary, turns=turns, fit=result)
+
+
+if __name__ == "__main__":  # FIRE_LAUNCH=train deepspeed --num_gpus N --module fire_core.stages.teacher scale=paper ...
+    import sys
+
+    run(config.load("03_train_teacher", sys.argv[1:]))
