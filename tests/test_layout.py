@@ -7,7 +7,7 @@ Floors, bottom to top:
      client, annotate, language, dialogue, metrics, eval
   2  stages.common                             (what several stages share)
   3  stages.<one per stage>                    (each has one entry point, run(cfg))
-  4  tools: pipeline, serve, bench, audit, report (they use the mechanisms, never a stage)
+  4  tools: pipeline, readiness, serve, bench, audit, report (they use the mechanisms, never a stage)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import fire_core
 
 PKG = Path(fire_core.__file__).parent
 BOTTOM = {"config", "provenance", "plots", "files"}
-TOOLS = {"pipeline", "serve", "bench", "audit", "report"}
+TOOLS = {"pipeline", "readiness", "serve", "bench", "audit", "report"}
 
 
 def module_name(path: Path, pkg: Path) -> str:
