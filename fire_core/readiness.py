@@ -152,7 +152,12 @@ def _examples(stage: str, c: config.FireConfig) -> tuple[str, int | None]:
             "04_train_student": ("LoRA-trains the FIRE100K student", count("fire_train")),
             "05_simulate_fire1m": ("simulates student x teacher dialogues, trains the FIRE student", count("fire_1m")),
             "06_fire_bench": ("FIRE-Bench on FIRE-test, teacher-judged", count("fire_test")),
-        }.get(stage, ("", None))
+        }.get(stage) or _world_examples(stage, c)
+    return _world_examples(stage, c)
+
+
+def _world_examples(stage: str, c: config.FireConfig) -> tuple[str, int | None]:
+    fams = len(c.world.seen_families)
     per = c.train.max_per_family or c.world.train_per_family
     return {
         "00_build_world": ("renders the synthetic world", None),
@@ -177,7 +182,10 @@ def _estimate(stage: str, c: config.FireConfig, n_params: int | None, dims: tupl
     tokens = n * (PAPER_IMAGE_TOKENS + PAPER_TEXT_TOKENS) * c.train.epochs
     weights_gb = 2 * n_params / 1e9
     trains = stage in ("03_train_teacher", "04_train_student", "05_simulate_fire1m", "07_train_dress")
-    generates = stage in ("01_train_base_vlm", "02_generate_fire100k", "05_simulate_fire1m", "06_fire_bench")
+    generates = stage in ("01_train_base_vlm", "05_simulate_fire1m", "06_fire_bench") or (
+        stage == "02_generate_fire100k" and c.data.source == "world")  # at hub, stage 02 only reads a file
+    if not (trains or generates):
+        return row
     flops = 0.0
     if trains:
         flops += (4 if c.train.method == "lora" else 6) * n_params * tokens

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import random
@@ -188,12 +189,13 @@ def caption_examples(rows, n: int, rng: random.Random) -> list[Example]:
 
 
 def train_variant(cfg: FireConfig, name: str, base_dir: Path, trajs, held, rows, image_of, out: Path):
-    """One DRESS model (or ablation) from the base VLM; a finished one is loaded, not retrained."""
+    """One DRESS model (or ablation) from the base VLM, saved under ``out/models/<name>``; a
+    finished one is not retrained. Returns (its folder, its training summary): the evaluation
+    loads one model at a time."""
     spec = DRESS_VARIANTS[name]
     save_dir = out / "models" / name
     if (save_dir / "DONE").is_file():
-        model, processor = models.load(save_dir)
-        return model, processor, json.loads((save_dir / "DONE").read_text())
+        return save_dir, json.loads((save_dir / "DONE").read_text())
     examples = dress_examples(trajs, image_of, critique=spec["critique"], refinement=spec["refinement"])
     n_caption = round(cfg.dress.caption_lambda * len(examples)) if spec["regulariser"] else 0
     examples += caption_examples(rows, n_caption, random.Random(provenance.derived_seed(cfg.seed, "dress_captions")))
@@ -212,7 +214,7 @@ def train_variant(cfg: FireConfig, name: str, base_dir: Path, trajs, held, rows,
             "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,
             "heldout_chats": len(heldout), "losses": result.losses}
     (save_dir / "DONE").write_text(json.dumps(info))
-    return result.model, processor, info
+    return save_dir, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,14 +342,20 @@ def run(cfg: FireConfig) -> DressResult:
         teacher = models.load(dirs["03_train_teacher"] / "model")
         teacher_role = dialogue.hf_role("teacher", *teacher, cfg.dialogue.teacher_max_new_tokens,
                                         cfg.dialogue.cache_prefix)
-        candidates = {"base": (base, base_proc),
-                      "fire100k_student": models.load(dirs["04_train_student"] / "model"),
-                      "fire_student": models.load(dirs["05_simulate_fire1m"] / "fire_student"),
-                      **{n: (m, p) for n, (m, p, _) in trained.items()}}
+        # one model in memory at a time beside the teacher (a GPU holds at most two)
+        folders = {"base": None, "fire100k_student": dirs["04_train_student"] / "model",
+                   "fire_student": dirs["05_simulate_fire1m"] / "fire_student",
+                   **{n: folder for n, (folder, _) in trained.items()}}
+        candidates = list(folders)
         raw: dict[str, list] = {"answers": [], "dialogues": [], "captions": [], "premises": []}
         table, curves, answers = [], {}, {}
-        for name, (m, p) in candidates.items():
+        for name, folder in folders.items():
+            m, p = (base, base_proc) if folder is None else models.load(folder)
             row, cv, preds = evaluate_model(cfg, name, m, p, eval_rows, teacher_role, raw)
+            del m, p
+            if folder is None:
+                base = base_proc = None
+            gc.collect()
             table.append(row)
             answers[name] = preds
             for prov, curve in cv.items():
@@ -387,10 +395,10 @@ def run(cfg: FireConfig) -> DressResult:
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         plots.save(fig, run.dir / "score_curves", sources=[run.dir / "multi_turn_scores.json"], cfg=cfg)
-        loss_rows = [{"model": n, "step": s, "loss": v} for n, (_, _, info) in trained.items() for s, v in info["losses"]]
+        loss_rows = [{"model": n, "step": s, "loss": v} for n, (_, info) in trained.items() for s, v in info["losses"]]
         pd.DataFrame(loss_rows).to_csv(run.dir / "loss.csv", index=False)
         fig, ax = plt.subplots(figsize=(5, 3))
-        for n, (_, _, info) in trained.items():
+        for n, (_, info) in trained.items():
             ax.plot(*zip(*info["losses"], strict=True), label=n)
         ax.set(xlabel="step", ylabel="training loss", title="DRESS conditional training")
         ax.legend(fontsize=7)
@@ -399,7 +407,7 @@ def run(cfg: FireConfig) -> DressResult:
                    "trajectories": len(trajs), "trajectories_train": len(train), "trajectories_heldout": len(held),
                    "generation": counts, "generation_seconds": round(gen_seconds, 1),
                    "annotation_failures": dict(tally.failed),
-                   "training": {n: {k: v for k, v in info.items() if k != "losses"} for n, (_, _, info) in trained.items()},
+                   "training": {n: {k: v for k, v in info.items() if k != "losses"} for n, (_, info) in trained.items()},
                    "eval_samples": len(eval_rows), "table": table.to_dict("records")}
         provenance.write_json_atomic(run.dir / "dress.json", summary)
         run.extra.update({k: v for k, v in summary.items() if k != "table"} | {"seconds": round(time.time() - t0, 1)})
