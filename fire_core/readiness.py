@@ -66,13 +66,13 @@ def _param_count(model_cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _records(path: Path, cap: int) -> int:
+def _records(path: Path, cap: int, chunk: int = 1 << 24) -> int:
     """Records in a released file (JSON array or JSONL), counted by streaming the bytes for the
     one ``"conversations"`` key each record has: FIRE-1M is 1.9 GB, too big to parse for a plan."""
     key, tail, n = b'"conversations"', b"", 0
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            buf = tail + chunk
+        while part := fh.read(chunk):
+            buf = tail + part
             n += buf.count(key)
             tail = buf[-(len(key) - 1):]  # too short to hold a whole key: one cut by the chunk is counted next time
     return min(n, cap) if cap else n
