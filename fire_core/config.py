@@ -45,10 +45,11 @@ STAGES = ["00_build_world", "01_train_base_vlm", "02_generate_fire100k", "03_tra
 # A stage's identity is the hash of these values and of the identity of the stage before it, so
 # an override reruns the stages that read it and every stage after them, never the ones before.
 # A stage not listed here depends on every key.
+# (`data` counts from stage 02 on: stages 00 and 01 never read the released files)
 _TRAINING_KEYS = ["seed", "world", "model", "train", "dialogue", "data"]
 STAGE_KEYS: dict[str, list[str]] = {
     "00_build_world": ["seed", "world"],
-    "01_train_base_vlm": _TRAINING_KEYS,
+    "01_train_base_vlm": [k for k in _TRAINING_KEYS if k != "data"],
     "02_generate_fire100k": [*_TRAINING_KEYS, "annotator"],
     # stages 03-05 report paired bootstrap intervals of first-turn accuracy
     "03_train_teacher": [*_TRAINING_KEYS, "annotator"],

@@ -66,7 +66,7 @@ def _param_count(model_cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _records(path: Path, cap: int, chunk: int = 1 << 24) -> int:
+def count_records(path: Path, cap: int = 0, chunk: int = 1 << 24) -> int:
     """Records in a released file (JSON array or JSONL), counted by streaming the bytes for the
     one ``"conversations"`` key each record has: FIRE-1M is 1.9 GB, too big to parse for a plan."""
     key, tail, n = b'"conversations"', b"", 0
@@ -146,7 +146,7 @@ def _examples(stage: str, c: config.FireConfig) -> tuple[str, int | None]:
     fams = len(c.world.seen_families)
     if c.data.source == "hub":
         files = c.data.files()
-        count = lambda name: _records(files[name], c.data.max_records) if files[name].is_file() else None  # noqa: E731
+        count = lambda name: count_records(files[name], c.data.max_records) if files[name].is_file() else None  # noqa: E731
         return {
             "00_build_world": ("renders the world's extra test families", c.world.test_per_family * fams),
             "01_train_base_vlm": ("loads and evaluates the base VLM", c.train.eval_per_family * fams * 3),

@@ -171,8 +171,17 @@ def _run_stages(root, data_dir, stages):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory):
+    """Stages 00-06 at scale=gpu_smoke with data.source=hub on the fixture files, on the CPU."""
+    root = tmp_path_factory.mktemp("hub")
+    proc = _run_stages(root, Path(__file__).parent / "fixtures" / "fire", HUB_STAGES)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root / "gpu_smoke"
+
+
 @pytest.mark.slow
-def test_the_paper_classes_run_stages_00_to_06_on_the_released_data_layout(tmp_path):
+def test_the_paper_classes_run_stages_00_to_06_on_the_released_data_layout(hub_run):
     """scale=gpu_smoke (LLaVA-NeXT-8B's classes, anyres and llama3 format at toy sizes) with
     data.source=hub on the fixture files, on the CPU: every stage that reads FIRE's data."""
     import json
@@ -180,9 +189,7 @@ def test_the_paper_classes_run_stages_00_to_06_on_the_released_data_layout(tmp_p
     from fire_core import records
 
     fix = Path(__file__).parent / "fixtures" / "fire"
-    proc = _run_stages(tmp_path, fix, HUB_STAGES)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = tmp_path / "gpu_smoke"
+    run = hub_run
     got = [json.loads(x) for x in (run / "02_generate_fire100k" / "fire100k.jsonl").read_text().splitlines()]
     want = records.load_fire(fix / "FIRE-train-100K.json", fix / "images")
     assert [(r["id"], r["turns"]) for r in got] == [(r["id"], r["turns"]) for r in want]
@@ -201,14 +208,17 @@ def test_the_paper_classes_run_stages_00_to_06_on_the_released_data_layout(tmp_p
         assert json.loads((run / stage / "manifest.json").read_text())["device"] == "cpu"
 
 
-def test_a_missing_image_stops_stage_02_before_it_writes(tmp_path):
+@pytest.mark.slow
+def test_a_missing_image_stops_stage_02_before_it_writes(hub_run, tmp_path):
     import shutil
 
     fix = Path(__file__).parent / "fixtures" / "fire"
     data = tmp_path / "data"
     shutil.copytree(fix, data)
     (data / "images" / "textvqa" / "0a1b2c3d.jpg").unlink()
-    proc = _run_stages(tmp_path, data, HUB_STAGES[:3])
+    for stage, _ in HUB_STAGES[:2]:  # stages 00-01 do not read the released files
+        shutil.copytree(hub_run / stage, tmp_path / "gpu_smoke" / stage)
+    proc = _run_stages(tmp_path, data, HUB_STAGES[2:3])
     assert proc.returncode != 0
     assert "1 of 2 records of" in proc.stderr and "0a1b2c3d.jpg" in proc.stderr
     assert not (tmp_path / "gpu_smoke" / "02_generate_fire100k" / "fire100k.jsonl").exists()
