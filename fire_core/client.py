@@ -109,6 +109,14 @@ class RateLimiter:
             await asyncio.sleep(start - now)
 
 
+def new_client(ep: Endpoint, who: str):
+    """The async OpenAI client of an endpoint, its key read from the endpoint's own variable."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=ep.base_url, api_key=ep.api_key(who), timeout=ep.timeout_s,
+                              max_retries=0)  # our retries: Retry-After honoured, longer back-off
+
+
 class Session:
     """One OpenAI-compatible client for a whole run of many calls (the dialogue engine calls a
     role once per step): its event loop runs in a thread of its own, so the client and its
@@ -127,13 +135,7 @@ class Session:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"openai-{ep.model}", daemon=True)
         self.thread.start()
-        self.client = self.run(self._make(ep.api_key(who)))
-
-    async def _make(self, key: str):
-        import openai
-
-        return openai.AsyncOpenAI(base_url=self.ep.base_url, api_key=key, timeout=self.ep.timeout_s,
-                                  max_retries=0)  # our retries: Retry-After honoured, longer back-off
+        self.client = new_client(ep, who)
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -210,12 +212,10 @@ async def chat_many(ep: Endpoint, message_lists: Sequence[list[dict[str, Any]]],
     raises :class:`Unusable`; ``on_done(index, outcome)`` is called as each request finishes.
     ``client``: a :class:`Session`'s client, kept open for the next call; else one is made and
     closed here."""
-    import openai
 
     own = client is None
     if own:
-        client = openai.AsyncOpenAI(base_url=ep.base_url, api_key=ep.api_key(who), timeout=ep.timeout_s,
-                                    max_retries=0)  # our retries: Retry-After honoured, longer back-off
+        client = new_client(ep, who)
     sem = asyncio.Semaphore(ep.concurrency)
     limiter = RateLimiter(ep.requests_per_minute) if ep.requests_per_minute else None
     tally.requests += len(message_lists)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,24 +27,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fire_core import provenance
 from fire_core.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-def device() -> torch.device:
-    """The one device policy for training, generation and the dialogue engine: CUDA when it is
-    present, else the CPU. ``FIRE_DEVICE=cpu`` forces the CPU on a GPU machine."""
-    forced = os.environ.get("FIRE_DEVICE", "").strip().lower()
-    if forced:
-        if forced not in ("cpu", "cuda"):
-            raise ValueError(f"FIRE_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
-        if forced == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("FIRE_DEVICE=cuda, but torch sees no CUDA device on this machine")
-        return torch.device(forced) if forced == "cpu" else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process of a launch
 
 
 def model_device(model) -> torch.device:
@@ -194,10 +179,11 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
 PAPER_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's anyres grid
 
 
-def build_paper_like(out_dir: Path | str, texts: Sequence[str], image_size: int = 28, hidden: int = 32,
-                     layers: int = 2, vocab_size: int = 512, seed: int = 0) -> Path:
-    """A randomly initialised LLaVA-NeXT with the architecture of ``llama3-llava-next-8b-hf``
-    at toy sizes, saved where ``model.pretrained_id`` can name it: a CLIP vision tower (patch 14,
+def build_paper_like(texts: Sequence[str], image_size: int = 28, hidden: int = 32, layers: int = 2,
+                     vocab_size: int = 512, seed: int = 0):
+    """(model, processor): a randomly initialised LLaVA-NeXT with the architecture of
+    ``llama3-llava-next-8b-hf`` at toy sizes (saved with ``save_pretrained``, a folder that
+    ``model.pretrained_id`` can name, as the tests do): a CLIP vision tower (patch 14,
     CLS token dropped by the "default" feature strategy, second-to-last layer), anyres tiles on
     LLaVA-NeXT's pinpoint grid scaled to ``image_size``, a Llama-3 decoder (grouped-query
     attention, rope theta 500000, untied head) and a byte-level BPE tokenizer with llama3's
@@ -217,7 +203,6 @@ def build_paper_like(out_dir: Path | str, texts: Sequence[str], image_size: int 
         LlavaNextImageProcessorPil,
     )
 
-    out = Path(out_dir)
     bpe = Tokenizer(tok_models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -251,26 +236,23 @@ def build_paper_like(out_dir: Path | str, texts: Sequence[str], image_size: int 
     model = LlavaNextForConditionalGeneration(config)
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    return model, proc
 
 
 def load_pretrained(mcfg: ModelConfig):
     """The paper's model and processor (``model.kind=pretrained``) from ``mcfg.pretrained_id``:
     a local directory, or a hub id already in the local cache (nothing is downloaded when
-    ``HF_HUB_OFFLINE=1``). Placed on :func:`device`."""
+    ``HF_HUB_OFFLINE=1``). Placed on :func:`fire_core.provenance.device`."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(mcfg.pretrained_id)
     model = LlavaNextForConditionalGeneration.from_pretrained(mcfg.pretrained_id, dtype=getattr(torch, mcfg.dtype))
-    return model.to(device()), processor
+    return model.to(provenance.device()), processor
 
 
 def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = None):
     """A saved model (full, or a LoRA adapter on the base it names) and its processor, placed
-    on :func:`device` (its saved dtype unless ``dtype`` is given)."""
+    on :func:`fire_core.provenance.device` (its saved dtype unless ``dtype`` is given)."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     path = Path(path)
@@ -288,7 +270,7 @@ def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = 
                                           path, is_trainable=trainable)
     else:
         model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    return model.to(device()), processor
+    return model.to(provenance.device()), processor
 
 
 def warmup_cosine_adamw(params, lr: float, steps: int):

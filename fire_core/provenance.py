@@ -294,24 +294,43 @@ def launched_dir(cfg: FireConfig) -> Path:
     return cfg.run_dir() / LAUNCHED / cfg.stage
 
 
-def apply_runtime(cfg: FireConfig) -> str:
-    """Hand ``runtime.device`` to the device policy (``FIRE_DEVICE``); fail before any work when
-    the run needs a GPU this machine does not have, or released data files that are not there.
-    Returns the device the run will use."""
+def device():
+    """The one device policy for training, generation and the dialogue engine: CUDA when it is
+    present (the ``LOCAL_RANK``'s GPU in a multi-process launch), else the CPU.
+    ``FIRE_DEVICE=cpu|cuda`` (set from ``runtime.device`` by :func:`apply_runtime`) forces it."""
     import torch
 
-    want = cfg.runtime.device
-    has_cuda = torch.cuda.is_available()
-    if want == "cuda" and not has_cuda:
-        raise RuntimeError(f"scale={cfg.scale} runs on a CUDA GPU (runtime.device=cuda), and torch sees none on this "
-                           "machine: nothing was run. Use a GPU machine, or a CPU scale (smoke, default).")
-    if want != "auto":
-        os.environ["FIRE_DEVICE"] = want
-    missing = cfg.data.missing()
-    if missing:
-        raise FileNotFoundError("data.source=hub, but these released files are not there (nothing is downloaded at "
-                                "run time; put them in data.dir): " + "; ".join(missing))
-    return os.environ.get("FIRE_DEVICE") or ("cuda" if has_cuda else "cpu")
+    forced = os.environ.get("FIRE_DEVICE", "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"FIRE_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("FIRE_DEVICE=cuda, but torch sees no CUDA device on this machine")
+    if forced == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def runtime_problems(cfg: FireConfig) -> list[str]:
+    """What stops a run of ``cfg`` on this machine before any work: a GPU it needs and does not
+    see, released data files that are not there. ``make plan`` lists them; stages raise."""
+    import torch
+
+    out = []
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        out.append(f"scale={cfg.scale} runs on CUDA GPUs (runtime.device=cuda) and torch sees none on this machine")
+    out += [f"data.source=hub, and a released file is missing (nothing is downloaded at run time): {m}"
+            for m in cfg.data.missing()]
+    return out
+
+
+def apply_runtime(cfg: FireConfig) -> None:
+    """Fail before any work on :func:`runtime_problems`; hand ``runtime.device`` to the device
+    policy (``FIRE_DEVICE``)."""
+    problems = runtime_problems(cfg)
+    if problems:
+        raise RuntimeError("nothing was run: " + "; ".join(problems))
+    if cfg.runtime.device != "auto":
+        os.environ["FIRE_DEVICE"] = cfg.runtime.device
 
 
 @contextmanager
@@ -337,12 +356,6 @@ def stage_run(cfg: FireConfig, inputs: list[Path] | None = None) -> Iterator[Sta
     write_manifest(run)
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def write_manifest(run: StageRun) -> Path:
     outputs = {
         p.relative_to(run.dir).as_posix(): sha256_tree(p)
@@ -361,7 +374,7 @@ def write_manifest(run: StageRun) -> Path:
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "device": os.environ.get("FIRE_DEVICE") or ("cuda" if _cuda() else "cpu"),
+        "device": device().type,
         "inputs": {str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p): sha256_tree(p, BOOKKEEPING)
                    for p in run.inputs},
         "outputs": outputs,

@@ -9,8 +9,7 @@ config and checks, without loading a weight or sending a request:
   ``data.dir``;
 - the endpoints: every OpenAI-compatible role that a stage calls has its key variable set
   (the key itself is never printed);
-- the device: a run that needs CUDA (``runtime.device=cuda``, or a pretrained 8B model) sees a
-  GPU.
+- the device: a run that needs CUDA (``runtime.device=cuda``, as at ``scale=paper``) sees a GPU.
 
 It then prints what each stage will do, with an estimate of its GPU memory and time. The
 estimates are arithmetic, not measurements: parameters counted from the model's config on the
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fire_core import config
+from fire_core import config, provenance
 
 # tokens per training sequence at paper scale: LLaVA-NeXT's anyres image (up to 5 tiles of 576)
 # plus a multi-turn FIRE dialogue (measured on nothing here: an assumption the plan prints)
@@ -93,13 +92,8 @@ def check(overrides: list[str], upto: str, gpus: int | None = None, gpu_tflops: 
     if not cfgs:
         return out
     cfg = next(iter(cfgs.values()))
-    has_cuda = torch.cuda.is_available()
-    n_gpu = gpus if gpus is not None else (torch.cuda.device_count() if has_cuda else 0)
-    # the device
-    needs_gpu = cfg.runtime.device == "cuda" or cfg.model.kind == "pretrained"
-    if needs_gpu and cfg.runtime.device != "cpu" and not has_cuda:
-        out.problems.append(f"scale={cfg.scale} runs on CUDA GPUs and torch sees none on this machine "
-                            f"(runtime.device={cfg.runtime.device}, model.kind={cfg.model.kind})")
+    n_gpu = gpus if gpus is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    out.problems += provenance.runtime_problems(cfg)  # the GPU and the released files, as every stage checks them
     # the model
     n_params, dims = None, None
     if cfg.model.kind == "pretrained":
@@ -115,9 +109,6 @@ def check(overrides: list[str], upto: str, gpus: int | None = None, gpu_tflops: 
             dims = (mc.text_config.hidden_size, mc.text_config.num_hidden_layers)
             out.notes.append(f"model {cfg.model.pretrained_id}: {n_params / 1e9:.2f}B parameters "
                              f"({type(mc).__name__}, vision {mc.vision_config.model_type}, text {mc.text_config.model_type})")
-    # the data
-    for item in cfg.data.missing():
-        out.problems.append(f"data.source=hub, and a released file is missing: {item}")
     # endpoints
     seen: set[tuple[str, str]] = set()
     for stage, c in cfgs.items():

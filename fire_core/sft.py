@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fire_core import models, prompts, world
+from fire_core import models, prompts, provenance, world
 from fire_core.config import TrainConfig
 from fire_core.vision import native_convolution
 
@@ -129,11 +129,7 @@ def encode(messages: Sequence[dict[str, Any]], processor, max_length: int,
 
 
 def example_image_size(example: Example) -> tuple[int, int]:
-    """(width, height) of an example's image: ``meta["image_size"]`` when the builder knows it,
-    else from the image (a lazy loader is called once; real data loaders open files lazily, so
-    that reads only the header)."""
-    if "image_size" in example.meta:
-        return tuple(example.meta["image_size"])  # type: ignore[return-value]
+    """(width, height) of an example's image (a lazy loader is called once to learn it)."""
     img = example.image() if callable(example.image) else example.image
     return tuple(img.size)  # type: ignore[return-value]
 
@@ -408,7 +404,7 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         lr_scheduler_type=tcfg.lr_scheduler, weight_decay=tcfg.weight_decay, max_grad_norm=1.0,
         logging_steps=logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=save_steps, save_total_limit=1,
-        seed=seed, data_seed=seed, use_cpu=models.device().type == "cpu", bf16=tcfg.bf16, report_to="none",
+        seed=seed, data_seed=seed, use_cpu=provenance.device().type == "cpu", bf16=tcfg.bf16, report_to="none",
         remove_unused_columns=False, dataloader_num_workers=0, deepspeed=tcfg.deepspeed,
         optim="adamw_torch", disable_tqdm=False,
         train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
@@ -442,7 +438,7 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
         if save_dir is None:
             raise ValueError("a DeepSpeed run needs save_dir: its in-memory model is partitioned")
 
-        final, _ = models.load(save_dir, dtype=torch.float32 if models.device().type == "cpu" else None)
+        final, _ = models.load(save_dir, dtype=torch.float32 if provenance.device().type == "cpu" else None)
     after = heldout_loss(final, heldout, processor, tcfg.batch_size) if heldout is not None else None
     return FitResult(model=final, losses=losses, steps=trainer.state.global_step, seconds=seconds,
                      tokens=dataset.n_tokens, trainable_tokens=dataset.n_trainable_tokens,

@@ -28,7 +28,9 @@ def paper(tmp_path_factory):
     the way scale=paper loads the released model (``models.load_pretrained`` on a local path)."""
     samples = [world.make_sample(f, "train", i, 0, SIZE) for f in world.SEEN for i in range(6)]
     texts = [s.question + "\n" + s.response for s in samples] + prompts.FEEDBACK_HINTS
-    d = models.build_paper_like(tmp_path_factory.mktemp("llama3_llava_next"), texts)
+    d = tmp_path_factory.mktemp("llama3_llava_next")
+    for part in models.build_paper_like(texts):
+        part.save_pretrained(d)
     model, proc = models.load_pretrained(ModelConfig(kind="pretrained", pretrained_id=str(d), dtype="float32"))
     return samples, model, proc
 
@@ -139,17 +141,19 @@ def test_the_paper_architecture_model_learns_through_the_trainer(paper, tmp_path
 
 
 def test_device_policy(monkeypatch):
+    from fire_core.provenance import device
+
     monkeypatch.delenv("FIRE_DEVICE", raising=False)
-    assert models.device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("FIRE_DEVICE", "cpu")
-    assert models.device().type == "cpu"
+    assert device().type == "cpu"
     monkeypatch.setenv("FIRE_DEVICE", "tpu")
     with pytest.raises(ValueError, match="FIRE_DEVICE must be 'cpu' or 'cuda'"):
-        models.device()
+        device()
     if not torch.cuda.is_available():
         monkeypatch.setenv("FIRE_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="no CUDA device"):
-            models.device()
+            device()
 
 
 # ----------------------------------------------------------------------------- the released data, end to end

@@ -80,7 +80,10 @@ def test_missing_file_and_images_are_named(tmp_path):
 # ----------------------------------------------------------------------------- make plan
 @pytest.fixture(scope="module")
 def paper_dir(tmp_path_factory):
-    return models.build_paper_like(tmp_path_factory.mktemp("paper_like"), ["What color is the star?"] * 20)
+    d = tmp_path_factory.mktemp("paper_like")
+    for part in models.build_paper_like(["What color is the star?"] * 20):
+        part.save_pretrained(d)
+    return d
 
 
 def _plan(tmp_path, overrides, capsys, scale="paper", gpus="8"):
@@ -117,9 +120,9 @@ def test_plan_lists_everything_missing_and_fails_before_any_stage(tmp_path, caps
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
 def test_gpu_smoke_says_it_needs_a_gpu_and_stops(tmp_path, capsys):
     rc, out = _plan(tmp_path, [], capsys, scale="gpu_smoke", gpus="0")
-    assert rc == 3 and "scale=gpu_smoke runs on CUDA GPUs and torch sees none on this machine" in out
+    assert rc == 3 and "scale=gpu_smoke runs on CUDA GPUs (runtime.device=cuda) and torch sees none on this machine" in out
     from fire_core import config, provenance
-    with pytest.raises(RuntimeError, match="runs on a CUDA GPU .* torch sees none on this machine: nothing was run"):
+    with pytest.raises(RuntimeError, match="nothing was run: scale=gpu_smoke runs on CUDA GPUs .* torch sees none"):
         provenance.apply_runtime(config.load("00_build_world", ["scale=gpu_smoke", f"paths.results={tmp_path}"]))
     assert os.environ.get("FIRE_DEVICE") != "cuda"
 

@@ -64,12 +64,10 @@ def run(cfg: FireConfig) -> BaseResult:
             # which train rows the base VLM saw: later stages (DRESS's feedback set) must not reuse them
             provenance.write_json_atomic(run.dir / "train_ids.json", sorted(train_rows["id"]))
             if cfg.model.kind == "paper_like":  # the 8B's classes, template and layout at toy sizes (GPU smoke)
-                init_dir = models.build_paper_like(run.dir / "init", tokenizer_corpus(ds["train"]), cfg.world.image_size,
-                                                   cfg.model.hidden_size, cfg.model.num_layers, cfg.model.vocab_size,
-                                                   cfg.seed)
-                model, processor = models.load(init_dir)
+                model, processor = models.build_paper_like(tokenizer_corpus(ds["train"]), cfg.world.image_size,
+                                                           cfg.model.hidden_size, cfg.model.num_layers,
+                                                           cfg.model.vocab_size, cfg.seed)
                 tok = processor.tokenizer
-                shutil.rmtree(init_dir)
             else:
                 tok = models.train_tokenizer(tokenizer_corpus(ds["train"]), cfg.model.vocab_size)
                 processor = models.build_processor(tok, cfg.model, cfg.world.image_size)

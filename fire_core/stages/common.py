@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 def hub_fire(cfg, which: str, split: str) -> list[dict[str, Any]]:
     """FIRE's released file ``which`` (``fire_train``, ``fire_1m``, ``fire_test``) as internal
-    records (at most ``data.max_records``), judged by the teacher's score alone. Every image is
-    checked before any work: a missing one fails with how many and which."""
+    records (at most ``data.max_records``). Every image is checked before any work: a missing
+    one fails with how many and which."""
     files = cfg.data.files()
     recs = load_fire(files[which], files["image_dir"], split=split)
     if cfg.data.max_records:
@@ -41,8 +41,6 @@ def hub_fire(cfg, which: str, split: str) -> list[dict[str, Any]]:
     if n:
         raise FileNotFoundError(f"{n} of {len(recs)} records of {files[which]} name images that are not in "
                                 f"{files['image_dir']}, e.g. {first}")
-    for r in recs:
-        r["meta"]["judge"] = "teacher"
     return recs
 
 
@@ -83,14 +81,9 @@ def _finish_launch(record: Path, ident: str, result: FitResult) -> None:
     raise SystemExit(0)
 
 
-def result_world_size(record: Path) -> int:
-    return int(json.loads(record.read_text())["world_size"])
-
-
-def _from_launch(cfg, launched: Path, save_dir: Path, heldout: list[Example]):
-    """The model a ``FIRE_LAUNCH=train`` run trained for this very config, copied into the
-    stage; its held-out loss is measured again here."""
-    rec = json.loads((launched / "TRAINED.json").read_text())
+def _from_launch(cfg, rec: dict[str, Any], launched: Path, save_dir: Path, heldout: list[Example]):
+    """The model a ``FIRE_LAUNCH=train`` run trained for this very config (``rec``: its
+    ``TRAINED.json``), copied into the stage; its held-out loss is measured again here."""
     shutil.copytree(launched / "model", save_dir, dirs_exist_ok=True)
     model, processor = models.load(save_dir)
     held = SFTDataset(heldout, processor, cfg.model.max_length) if heldout else None
@@ -124,9 +117,10 @@ def fit_from_base(cfg, base_dir: Path, examples: list[Example], run, save_dir: P
     launched = provenance.launched_dir(cfg)
     record = launched / "TRAINED.json"
     ident = provenance.identity(cfg)["hash"]
-    if not provenance.launch_mode() and record.is_file() and json.loads(record.read_text())["identity"] == ident:
-        result, processor = _from_launch(cfg, launched, save_dir, heldout)
-        run.extra["trained_by_launch"] = {"dir": str(launched), "world_size": result_world_size(record)}
+    rec = json.loads(record.read_text()) if record.is_file() and not provenance.launch_mode() else None
+    if rec is not None and rec["identity"] == ident:
+        result, processor = _from_launch(cfg, rec, launched, save_dir, heldout)
+        run.extra["trained_by_launch"] = {"dir": str(launched), "world_size": rec["world_size"]}
     else:
         model, processor = load_base(cfg, base_dir)
         if cfg.train.freeze_vision:
