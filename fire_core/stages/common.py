@@ -44,11 +44,13 @@ def hub_fire(cfg, which: str, split: str) -> list[dict[str, Any]]:
     return recs
 
 
-def hub_samples(recs: list[dict[str, Any]], rid_of: Callable[[str], str]):
-    """Engine samples from real-data records: judged by the teacher alone (no checker)."""
+def hub_samples(recs: list[dict[str, Any]], rid_of: Callable[[str], str], images: dict[str, Any] | None = None):
+    """Engine samples from real-data records: judged by the teacher alone (no checker). Images
+    come from ``images`` (id -> image) when the caller holds them, else from disk, one at a time."""
     for r in recs:
+        image = images[r["id"]] if images is not None else open_image(r["image"])
         yield {"id": r["id"], "request_id": rid_of(r["id"]), "question": r["question"], "answer": r["answer"],
-               "family": r["task"], "split": r["split"], "image": open_image(r["image"]), "image_path": r["image"],
+               "family": r["task"], "split": r["split"], "image": image, "image_path": r["image"],
                "judge": "teacher"}
 
 

@@ -328,7 +328,7 @@ def _released(cfg: FireConfig, t0: float) -> BenchResult:
             fixed_preds += [{**x, "model": name} for x in preds]
             s_role = dialogue.hf_role(name, m, p, d.student_max_new_tokens, d.cache_prefix)
             rid = lambda i, name=name: files.request_id(i, "firebench", name, "teacher")  # noqa: E731
-            res = dialogue.run(stage_common.hub_samples(gold, rid), s_role, t_role, d, cfg.seed,
+            res = dialogue.run(stage_common.hub_samples(gold, rid, images), s_role, t_role, d, cfg.seed,
                                source=f"{name}xteacher", total=len(gold))
             free_records += [{**r, "provider": "teacher", "model": name} for r in res.records]
             del m, p, s_role
