@@ -165,7 +165,7 @@ class _State:
         return self.sample["request_id"]
 
     def history(self) -> list[prompts.Turn]:
-        return [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in self.turns]
+        return [prompts.Turn(t["response"], t["score"], t["feedback"], verdict=t.get("verdict")) for t in self.turns]
 
     def data_url(self) -> str:
         if self._url is None:
@@ -199,8 +199,8 @@ def oracle_judge(sample: dict[str, Any], response: str, earlier: list[str], seed
 
     rng = random.Random(request_id(seed, sample["id"], len(earlier), "oracle-teacher"))
     j = feedback.judge(sample, response, history=earlier, rng=rng)
-    return {"score": j.score, "feedback": j.feedback, "parsable": True, "raw": prompts.teacher_reply(
-        prompts.Turn(response, j.score, j.feedback))}
+    return {"score": j.score, "feedback": j.feedback, "parsable": True, "verdict": j.correct,
+            "raw": prompts.teacher_reply(prompts.Turn(response, j.score, j.feedback, verdict=j.correct))}
 
 
 def _chunks(samples: Iterable[dict[str, Any]], size: int | None) -> Iterator[Iterable[dict[str, Any]]]:
@@ -295,7 +295,8 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     for i, text in zip(ok, texts, strict=True):
                         if text is not None:
                             p = prompts.parse_teacher(text, dcfg.score_min, dcfg.score_max)
-                            replies[i] = {"score": p.score, "feedback": p.feedback, "parsable": p.parsable, "raw": text}
+                            replies[i] = {"score": p.score, "feedback": p.feedback, "parsable": p.parsable,
+                                          "verdict": p.verdict, "raw": text}
                 t2 = time.perf_counter()
                 timing["teacher"] += t2 - t1
                 still = []
@@ -310,7 +311,7 @@ def run(samples: Iterable[dict[str, Any]], student: Role, teacher: Role, dcfg, s
                     tokens["student"] += student.tokens(r)
                     tokens["teacher"] += teacher.tokens(rep["raw"]) if teacher.kind != "oracle" else 0
                     s.turns.append({"response": r, "score": rep["score"], "feedback": rep["feedback"],
-                                    "parsable": rep["parsable"], "raw": rep["raw"],
+                                    "parsable": rep["parsable"], "verdict": rep["verdict"], "raw": rep["raw"],
                                     "correct": judge_turn(s.sample, r)})
                     stop = ("unparsable" if not rep["parsable"] else "satisfied" if rep["score"] >= dcfg.threshold
                             else "max_turns" if len(s.turns) >= dcfg.max_turns else None)

@@ -107,7 +107,8 @@ def fixed_turns(model, processor, dialogues: Sequence[dict[str, Any]], images: d
     try:
         for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
             chunk = jobs[start:start + batch_size]
-            convs = [prompt_of(d, [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in d["turns"][:k]], k)
+            convs = [prompt_of(d, [prompts.Turn(t["response"], t["score"], t["feedback"], verdict=t.get("correct"))
+                                   for t in d["turns"][:k]], k)
                      for k, d in chunk]
             texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
             yield from ((k, d, text) for (k, d), text in zip(chunk, texts, strict=True))
@@ -130,7 +131,7 @@ def teacher_fixed(model, processor, dialogues: Sequence[dict[str, Any]], images:
         p = prompts.parse_teacher(text, score_min, score_max)
         rows.append({
             "id": d["id"], "family": d["task"], "turn": k + 1, "gold_score": gold["score"],
-            "score": p.score, "parsable": p.parsable,
+            "score": p.score, "parsable": p.parsable, "verdict": p.verdict,
             "abs_error": abs(p.score - gold["score"]) if p.parsable else 10,
             "gold_feedback": gold["feedback"], "feedback": p.feedback, "raw": text,
             "leaked": (not gold.get("correct", False))
@@ -193,7 +194,16 @@ def teacher_summary(rows: Sequence[dict[str, Any]], threshold: int = 8) -> dict[
             "unparsable_share": sum(not r["parsable"] for r in rows) / n,
             "satisfied_agreement": sum((r["score"] is not None and r["score"] >= threshold) == (r["gold_score"] >= threshold)
                                        for r in rows) / n,
-            "leak_share": sum(bool(r["leaked"]) for r in rows) / n, **text}
+            "leak_share": sum(bool(r["leaked"]) for r in rows) / n,
+            # world teachers state "Same answer: yes|no" before the score: how often that line is
+            # there, and agrees with the gold on "satisfied" where it is (NaN without any)
+            "verdict_share": sum(r.get("verdict") is not None for r in rows) / n,
+            "verdict_agreement": _mean([r["verdict"] == (r["gold_score"] >= threshold) for r in rows
+                                        if r.get("verdict") is not None]), **text}
+
+
+def _mean(values: Sequence[bool]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 

@@ -41,7 +41,7 @@ import torch
 
 from fire_core import checker, feedback, models, prompts, world
 
-SAME, YES, NO = "Same answer:", "yes", "no"
+SAME, YES, NO = prompts.SAME_ANSWER, "yes", "no"
 
 
 def _variants(family: str, answer: str, rng: random.Random) -> str:
@@ -72,22 +72,24 @@ def drills(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[t
     return [drill(rows[rng.randrange(len(rows))], k % 2 == 0, rng) for k in range(n)]
 
 
-def judgement_chat(row: dict[str, Any], right: bool, rng: random.Random) -> str:
+def judgement_chat(row: dict[str, Any], right: bool, rng: random.Random) -> tuple[str, bool]:
     """A short teacher chat in the chat template (without the <s> that :func:`encode` adds): the
     last lines of a teacher prompt (a response in the reference style with the right answer or a
-    near miss, its final answer, the correct answer) and the oracle's ``Score: N``."""
+    near miss, its final answer, the correct answer) and the oracle's reply head,
+    ``Same answer: yes|no`` then ``Score: N``. Returns the text and the checker's verdict."""
 
     gold = row["answer"]
     given = gold if right else feedback.wrong_answer(row, rng)
     response = feedback.respond(row, given)
-    score, _ = feedback.score_of(row["family"], response, gold)
+    score, correct = feedback.score_of(row["family"], response, gold)
     text, _ = models.render_chat([{"role": "user", "content": prompts.teacher_judgement_text(gold, response)},
-                                  {"role": "assistant", "content": f"Score: {score}"}])
-    return text[len(models.BOS):]
+                                  {"role": "assistant", "content": f"{SAME} {YES if correct else NO}\nScore: {score}"}])
+    return text[len(models.BOS):], correct
 
 
-def judgement_chats(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[str]:
-    """``n`` judgement chats on random rows, right and wrong answers alternating (balanced)."""
+def judgement_chats(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[tuple[str, bool]]:
+    """``n`` judgement chats on random rows, right and wrong answers alternating (balanced), each
+    with its verdict (:func:`drill_accuracy` measures them as it measures the drills)."""
     return [judgement_chat(rows[rng.randrange(len(rows))], k % 2 == 0, rng) for k in range(n)]
 
 

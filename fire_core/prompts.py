@@ -37,6 +37,7 @@ TEACHER_SYSTEM = ("You are a teacher. Reply 'Score: N' (1 to 10), then 'Feedback
 BASE_SYSTEM = "You are a helpful assistant. Answer the question about the image."
 DRESS_SYSTEM = ("You are a helpful assistant. Answer the question about the image. The condition line says "
                 "how good your answer is to be; later messages give advice to improve it.")
+SAME_ANSWER = "Same answer:"  # the verdict line of world teacher replies and of the comparison drills
 RATING_WORDS = {1: "bad", 2: "mediocre", 3: "good", 4: "excellent"}  # DRESS's verbalizers of the 1-4 rating
 BEST_CRITIQUE = "Nice response."  # DRESS's inference condition: <excellent> plus this critique
 
@@ -65,6 +66,7 @@ class Turn:
     score: int | None = None
     feedback: str | None = None
     rating: int | None = None  # DRESS: 1-4
+    verdict: bool | None = None  # the teacher's "Same answer: yes|no" line before its score (world data)
     critique: str | None = None  # DRESS: 5-7 words on this response
     refinement: str | None = None  # DRESS: advice for the next response
 
@@ -74,6 +76,7 @@ class TeacherOutput:
     score: int | None  # None when no score on the scale could be read: "failed to follow"
     feedback: str
     parsable: bool
+    verdict: bool | None = None  # what a "Same answer: yes|no" line said; None without one
 
 
 def _user_image(text: str) -> dict[str, Any]:
@@ -167,7 +170,14 @@ def dress_student_prompt(question: str, history: list[Turn]) -> list[dict[str, A
 
 
 def teacher_reply(turn: Turn) -> str:
-    return f"Score: {turn.score}\nFeedback: {turn.feedback or ''}".rstrip()
+    """``Score: N`` then ``Feedback: ...``; on world data (where a turn's ``verdict``, the answer
+    checker's, is known) first the line ``Same answer: yes|no``. That line is the comparison the
+    score rests on, stated where the model writes it: the tiny teacher learns it in language
+    pretraining (the same line ends every answer-comparison drill) and then scores right after
+    it; without it the score had to carry the comparison unseen, and the tiny teacher scored by
+    turn position instead. Real FIRE data has no verdict, so its replies keep FIRE's format."""
+    head = "" if turn.verdict is None else f"{SAME_ANSWER} {'yes' if turn.verdict else 'no'}\n"
+    return f"{head}Score: {turn.score}\nFeedback: {turn.feedback or ''}".rstrip()
 
 
 def _teacher_first(question: str, answer: str, response: str) -> str:
@@ -209,6 +219,7 @@ def teacher_prompt(question: str, answer: str, history: list[Turn], response: st
 
 _SCORE_RE = re.compile(r"score\s*[:=\-]?\s*(\d+(?:\.\d+)?)\s*(?:/\s*10|out of 10)?", re.IGNORECASE)
 _FEEDBACK_RE = re.compile(r"feedback\s*[:=\-]\s*(.*)", re.IGNORECASE | re.DOTALL)
+_VERDICT_RE = re.compile(r"same answer\s*:\s*(yes|no)\b", re.IGNORECASE)
 
 
 def parse_teacher(text: str, score_min: int = 1, score_max: int = 10) -> TeacherOutput:
@@ -216,6 +227,8 @@ def parse_teacher(text: str, score_min: int = 1, score_max: int = 10) -> Teacher
     '7/10', '7.0'; a missing or off-scale score gives ``parsable=False`` (never raises)."""
     if not isinstance(text, str):
         return TeacherOutput(None, "", False)
+    v = _VERDICT_RE.search(text)
+    verdict = None if v is None else v.group(1).lower() == "yes"
     m = _SCORE_RE.search(text)
     score: int | None = None
     if m:
@@ -228,7 +241,7 @@ def parse_teacher(text: str, score_min: int = 1, score_max: int = 10) -> Teacher
     else:  # no Feedback: label: whatever follows the score line
         rest = text[m.end():] if m else text
         feedback = rest.strip(" \n:-")
-    return TeacherOutput(score, feedback, score is not None)
+    return TeacherOutput(score, feedback, score is not None, verdict)
 
 
 # How the annotator prompt marks the task JSON; fire_core.serve reads it back.

@@ -131,6 +131,7 @@ SEED_OFFSETS = {
     "dress_feedback": 6,  # stage 07: which unused train samples form DRESS's feedback set
     "dress_captions": 7,  # stage 07: the captioning regulariser's questions (the same for every variant)
     "false_premise": 8,  # stage 07: the false-premise questions of the harmlessness analog
+    "judgement_heldout": 9,  # stage 03: held-out (val) judgement chats that measure the warm-up
 }
 
 

@@ -466,7 +466,7 @@ def base_examples(rows, cfg, rng) -> list[Example]:
 
 def dialogue_turns(record: dict[str, Any]):
 
-    return [prompts.Turn(t["response"], t["score"], t["feedback"]) for t in record["turns"]]
+    return [prompts.Turn(t["response"], t["score"], t["feedback"], verdict=t.get("correct")) for t in record["turns"]]
 
 
 def teacher_examples(records, image_of: Callable[[str], Any]) -> list[Example]:

@@ -286,4 +286,5 @@ def test_judgement_dialogues_are_balanced_at_every_turn_position_and_train_only_
         assert [m["train"] for m in replies] == [k == len(replies) - 1 for k in range(len(replies))]
         last = r["turns"][-1]
         assert replies[-1]["content"] == prompts.teacher_reply(prompts.Turn(last["response"], last["score"],
-                                                                            last["feedback"]))
+                                                                            last["feedback"], verdict=last["correct"]))
+        assert replies[-1]["content"].startswith(f"Same answer: {'yes' if last['correct'] else 'no'}\nScore: ")

@@ -45,6 +45,25 @@ def test_drills_use_the_lines_of_the_teacher_prompt():
     assert drill.startswith("Student answer: ") and "\nCorrect answer: " in drill
 
 
+def test_judgement_chats_end_in_the_teachers_reply_head_balanced_and_checked():
+    """The teacher's warm-up chats: the last lines of its prompt, then the verdict line and the
+    score its SFT replies start with; half right, half wrong; the verdict is the checker's."""
+    rows = _rows()
+    chats = language.judgement_chats(rows, 200, random.Random(0))
+    assert 0.45 <= sum(truth for _, truth in chats) / len(chats) <= 0.55
+    for text, truth in chats:
+        user, reply = text.split("<|assistant|>\n")
+        assert "Student answer: " in user and "\nCorrect answer: " in user
+        head = reply.removesuffix("<|end|>\n").splitlines()
+        assert head[0] == f"Same answer: {'yes' if truth else 'no'}"
+        score = prompts.parse_teacher(reply).score
+        assert score is not None and (score >= 8) == truth  # the oracle's score agrees with its verdict
+        gold = user.split("Correct answer: ")[1].split("<|end|>")[0]
+        response = user.split("Student response: ")[1].split("\nStudent answer: ")[0]
+        fam = next(r["family"] for r in rows if r["answer"] == gold)
+        assert checker.is_correct(fam, response, gold) == truth
+
+
 def test_corpus_mixes_world_text_drills_and_numbers():
     docs = language.corpus(_rows(), 200, random.Random(0))
     assert sum(d.startswith("Question: ") for d in docs) == 9 * 6

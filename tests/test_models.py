@@ -172,4 +172,16 @@ def test_parse_teacher_never_raises_on_junk():
 def test_teacher_reply_round_trips_through_the_parser():
     t = Turn("It is 3.", 4, "Count the stars on the right again.")
     out = parse_teacher(prompts.teacher_reply(t))
-    assert (out.score, out.feedback) == (4, t.feedback)
+    assert (out.score, out.feedback, out.verdict) == (4, t.feedback, None)  # FIRE's format: no verdict line
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+def test_world_teacher_reply_states_its_verdict_before_the_score(verdict):
+    t = Turn("It is 3.", 9 if verdict else 4, "Count the stars on the right again.", verdict=verdict)
+    text = prompts.teacher_reply(t)
+    assert text.splitlines()[0] == f"Same answer: {'yes' if verdict else 'no'}"
+    assert text.splitlines()[1] == f"Score: {t.score}"
+    out = parse_teacher(text)
+    assert (out.score, out.feedback, out.verdict, out.parsable) == (t.score, t.feedback, verdict, True)
+    # a reply with a verdict but no score is still "failed to follow"
+    assert parse_teacher("Same answer: yes\nFeedback: fine").parsable is False
