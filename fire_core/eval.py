@@ -107,9 +107,7 @@ def fixed_turns(model, processor, dialogues: Sequence[dict[str, Any]], images: d
     try:
         for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
             chunk = jobs[start:start + batch_size]
-            convs = [prompt_of(d, [prompts.Turn(t["response"], t["score"], t["feedback"], verdict=t.get("correct"))
-                                   for t in d["turns"][:k]], k)
-                     for k, d in chunk]
+            convs = [prompt_of(d, prompts.record_turns(d["turns"][:k]), k) for k, d in chunk]
             texts = gen([d["id"] for _, d in chunk], convs, [images[d["id"]] for _, d in chunk])
             yield from ((k, d, text) for (k, d), text in zip(chunk, texts, strict=True))
     finally:

@@ -64,7 +64,7 @@ def drill(row: dict[str, Any], same: bool, rng: random.Random) -> tuple[str, boo
         {"family": row["family"], "answer": gold}, rng, near=None)
     truth = checker.is_correct(row["family"], shown, gold)
     shown_short = checker.extract_answer(shown) if "answer is" in shown else shown
-    return f"Student answer: {shown_short}\nCorrect answer: {gold}\n{SAME} {YES if truth else NO}", truth
+    return f"Student answer: {shown_short}\nCorrect answer: {gold}\n{prompts.verdict_line(truth)}", truth
 
 
 def drills(rows: Sequence[dict[str, Any]], n: int, rng: random.Random) -> list[tuple[str, bool]]:
@@ -83,7 +83,7 @@ def judgement_chat(row: dict[str, Any], right: bool, rng: random.Random) -> tupl
     response = feedback.respond(row, given)
     score, correct = feedback.score_of(row["family"], response, gold)
     text, _ = models.render_chat([{"role": "user", "content": prompts.teacher_judgement_text(gold, response)},
-                                  {"role": "assistant", "content": f"{SAME} {YES if correct else NO}\nScore: {score}"}])
+                                  {"role": "assistant", "content": f"{prompts.verdict_line(correct)}\nScore: {score}"}])
     return text[len(models.BOS):], correct
 
 

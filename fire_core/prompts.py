@@ -169,14 +169,25 @@ def dress_student_prompt(question: str, history: list[Turn]) -> list[dict[str, A
     return dress_prompt(question, [Turn(t.response, refinement=t.feedback) for t in history])
 
 
+def verdict_line(same: bool) -> str:
+    """``Same answer: yes|no``: the last line of every answer-comparison drill and the first of
+    every world teacher reply."""
+    return f"{SAME_ANSWER} {'yes' if same else 'no'}"
+
+
+def record_turns(turns: list[dict[str, Any]]) -> list[Turn]:
+    """Turns of a dialogue record (``response``, ``score``, ``feedback``, and on world data the
+    checker's ``correct``, which becomes the teacher's verdict)."""
+    return [Turn(t["response"], t["score"], t["feedback"], verdict=t.get("correct")) for t in turns]
+
+
 def teacher_reply(turn: Turn) -> str:
     """``Score: N`` then ``Feedback: ...``; on world data (where a turn's ``verdict``, the answer
-    checker's, is known) first the line ``Same answer: yes|no``. That line is the comparison the
-    score rests on, stated where the model writes it: the tiny teacher learns it in language
-    pretraining (the same line ends every answer-comparison drill) and then scores right after
-    it; without it the score had to carry the comparison unseen, and the tiny teacher scored by
-    turn position instead. Real FIRE data has no verdict, so its replies keep FIRE's format."""
-    head = "" if turn.verdict is None else f"{SAME_ANSWER} {'yes' if turn.verdict else 'no'}\n"
+    checker's, is known) first the line ``Same answer: yes|no``, the comparison the score rests
+    on, in the words of stage 01's answer-comparison drills. Measured at default, the line by
+    itself did not make the tiny teacher judge better (it came with the longer judgement warm-up
+    of stage 03 that did). Real FIRE data has no verdict, so its replies keep FIRE's format."""
+    head = "" if turn.verdict is None else verdict_line(turn.verdict) + "\n"
     return f"{head}Score: {turn.score}\nFeedback: {turn.feedback or ''}".rstrip()
 
 

@@ -464,18 +464,13 @@ def base_examples(rows, cfg, rng) -> list[Example]:
     return out
 
 
-def dialogue_turns(record: dict[str, Any]):
-
-    return [prompts.Turn(t["response"], t["score"], t["feedback"], verdict=t.get("correct")) for t in record["turns"]]
-
-
 def teacher_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
     """Teacher chats: the prompt holds the question and the ground truth; loss on every reply,
     or only on the replies a record lists in ``trained_turns`` (judgement dialogues)."""
 
     out = []
     for r in records:
-        msgs = prompts.teacher_messages(r["question"], r["answer"], dialogue_turns(r))
+        msgs = prompts.teacher_messages(r["question"], r["answer"], prompts.record_turns(r["turns"]))
         if "trained_turns" in r:
             replies = [m for m in msgs if m["role"] == "assistant"]
             for k, m in enumerate(replies):
@@ -510,5 +505,5 @@ def student_examples(records, image_of: Callable[[str], Any]) -> list[Example]:
     """Student chats: responses with the feedback between them; loss on every response. The
     student never sees the ground truth or the scores."""
 
-    return [Example(prompts.student_messages(r["question"], dialogue_turns(r)),
+    return [Example(prompts.student_messages(r["question"], prompts.record_turns(r["turns"])),
                     (lambda i=r["id"]: image_of(i)), {"id": r["id"], "family": r["task"]}) for r in records]

@@ -22,8 +22,8 @@ def judgement_warmup(cfg, ds, model, processor, run) -> None:
     """Short text-only judgement chats (``language.judgement_chats``) before the teacher's SFT.
 
     The base VLM forgets the answer comparison that language pretraining taught it: its held-out
-    drill accuracy is 80% after language pretraining and 50% (chance, in every family) after
-    the image-text training (measured at default). Relearning it inside the teacher's 250-token
+    drill accuracy is 80% after language pretraining and 38-50% (chance) in every seen family
+    after the image-text training (measured at default). Relearning it inside the teacher's 250-token
     multimodal dialogues failed (teacher at 57-72% agreement); in short two-line chats it comes
     back (held-out verdicts 49% -> 88% in 1,000 steps of ``train.language_pretrain_batch`` chats
     at the text phase's learning rate, ``train.language_pretrain_lr``), and each reply of the teacher's
