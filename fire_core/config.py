@@ -16,6 +16,7 @@ OmegaConf checks types; ``__post_init__`` checks ranges. Every failure is raised
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -521,11 +522,21 @@ def _reject_extra_keys(node: Any, schema: type, prefix: str) -> None:
             _reject_extra_keys(node[key], type(default), full + ".")
 
 
+_COMPOSED: dict[tuple, FireConfig] = {}  # (name, overrides, conf files' state) -> config
+
+
+def _conf_state() -> tuple:
+    """Every config file's path, size and mtime: a cached composition is reused only while they hold."""
+    return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in CONF_DIR.rglob("*.yaml")))
+
+
 def load(config_name: str, overrides: list[str] | None = None) -> FireConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides and return the validated config.
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types, out-of-range
-    values and missing files.
+    values and missing files. A composition takes about 0.15 s and the pipeline's plan needs
+    each stage's twice, so within a process the same name and overrides over unchanged files
+    give a copy of the config composed before.
     """
     overrides = list(overrides or [])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
@@ -533,6 +544,9 @@ def load(config_name: str, overrides: list[str] | None = None) -> FireConfig:
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         options = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "base")
         raise ConfigError(f"no primary config '{config_name}' in {CONF_DIR}; available: {options}")
+    key = (config_name, tuple(overrides), _conf_state())
+    if key in _COMPOSED:
+        return copy.deepcopy(_COMPOSED[key])
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="fire"):
             dcfg = compose(config_name=config_name, overrides=overrides)
@@ -547,6 +561,7 @@ def load(config_name: str, overrides: list[str] | None = None) -> FireConfig:
             raise ConfigError(str(inner)) from None
         raise ConfigError(_explain(exc)) from None
     assert isinstance(cfg, FireConfig)
+    _COMPOSED[key] = copy.deepcopy(cfg)
     return cfg
 
 

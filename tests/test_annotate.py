@@ -146,7 +146,8 @@ def test_openai_backend_against_the_local_server(smoke_root, tmp_path, faults):
         root = copy_stages(smoke_root, tmp_path, ("00_build_world", "01_train_base_vlm"))
         run_stage("fire100k", "02_generate_fire100k", root, ["annotator=openai", f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
                           "annotator.timeout_s=1.5", "annotator.max_retries=8", "annotator.concurrency=4",
-                          "annotator.max_failure_rate=1.0"],
+                          "annotator.max_failure_rate=1.0",
+                          "annotator.requests_per_minute=100000"],  # the limiter has its own test
                    env={"OPENAI_API_KEY": "local-test-key", "FIRE_RETRY_BACKOFF_S": "0.05"})
     finally:
         server.kill()

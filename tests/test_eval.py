@@ -100,10 +100,14 @@ def test_cli_free(tmp_path):
     ({"id": "x", "scores": [3, 9], "correct": [True]}, "line 2: 'correct' must be a list of booleans"),
     ({"id": "a", "scores": [9]}, "line 2: duplicate id 'a'"),
 ])
-def test_cli_free_rejects_malformed_lines(tmp_path, line, message):
+def test_cli_free_rejects_malformed_lines(tmp_path, capsys, line, message):
+    """The CLI's own entry point, in process (test_cli_free runs it as a command)."""
+    from fire_core import eval as evaluate
+
     f = _write(tmp_path / "d.jsonl", [{"id": "a", "scores": [3, 9]}, line])
-    r = _cli("free", "--dialogues", f)
-    assert r.returncode == 2 and message in r.stderr and not r.stdout
+    code = evaluate.main(["free", "--dialogues", f])
+    out = capsys.readouterr()
+    assert code == 2 and message in out.err and not out.out
 
 
 def test_cli_text(tmp_path):
