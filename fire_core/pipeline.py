@@ -131,11 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu_text(gpus: int | None) -> str:
-    import torch
-
     if gpus is not None:
         return f"planned for {gpus} GPU(s)"
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = provenance.cuda_gpu_count()
     return f"{n} CUDA GPU(s) visible" if n else "no CUDA GPU visible; CPU"
 
 

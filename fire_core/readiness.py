@@ -80,8 +80,6 @@ def count_records(path: Path, cap: int = 0, chunk: int = 1 << 24) -> int:
 def check(overrides: list[str], upto: str, gpus: int | None = None, gpu_tflops: float = 312.0,
           mfu: float = 0.35) -> Readiness:
     """Compose every stage up to ``upto`` with ``overrides`` and check what it needs."""
-    import torch
-
     out = Readiness()
     cfgs = {}
     for stage in config.STAGES[: config.STAGES.index(upto) + 1]:
@@ -92,7 +90,7 @@ def check(overrides: list[str], upto: str, gpus: int | None = None, gpu_tflops: 
     if not cfgs:
         return out
     cfg = next(iter(cfgs.values()))
-    n_gpu = gpus if gpus is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    n_gpu = gpus if gpus is not None else provenance.cuda_gpu_count()
     out.problems += provenance.runtime_problems(cfg)  # the GPU and the released files, as every stage checks them
     # the model
     n_params, dims = None, None

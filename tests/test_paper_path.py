@@ -156,6 +156,28 @@ def test_device_policy(monkeypatch):
             device()
 
 
+def test_cuda_gpu_count_matches_torch_and_skips_torch_without_a_driver(monkeypatch):
+    """The count the planner uses is torch's; without an NVIDIA driver node it is 0 and a fresh
+    process that asks does not import torch."""
+    import os
+    import subprocess
+    import sys
+
+    from fire_core import provenance
+
+    assert provenance.cuda_gpu_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    monkeypatch.setattr(os.path, "exists", lambda p: True)  # as if a driver node were there: torch decides
+    assert provenance.cuda_gpu_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    monkeypatch.undo()
+    probe = ("import os, glob, sys; from fire_core import provenance; n = provenance.cuda_gpu_count(); "
+             "driver = os.path.exists('/proc/driver/nvidia') or bool(glob.glob('/dev/nvidia*')) or os.path.exists('/dev/dxg'); "
+             "print(n, driver, 'torch' in sys.modules)")
+    n, driver, imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                         check=True).stdout.split()
+    if driver == "False":
+        assert (n, imported) == ("0", "False")
+
+
 # ----------------------------------------------------------------------------- the released data, end to end
 HUB = ["scale=gpu_smoke", "runtime.device=cpu", "data.source=hub"]
 HUB_STAGES = [("00_build_world", "world"), ("01_train_base_vlm", "base_vlm"), ("02_generate_fire100k", "fire100k"),
