@@ -169,13 +169,11 @@ def test_cuda_gpu_count_matches_torch_and_skips_torch_without_a_driver(monkeypat
     monkeypatch.setattr(os.path, "exists", lambda p: True)  # as if a driver node were there: torch decides
     assert provenance.cuda_gpu_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     monkeypatch.undo()
-    probe = ("import os, glob, sys; from fire_core import provenance; n = provenance.cuda_gpu_count(); "
-             "driver = os.path.exists('/proc/driver/nvidia') or bool(glob.glob('/dev/nvidia*')) or os.path.exists('/dev/dxg'); "
-             "print(n, driver, 'torch' in sys.modules)")
-    n, driver, imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                         check=True).stdout.split()
-    if driver == "False":
-        assert (n, imported) == ("0", "False")
+    # a fresh process on a machine without driver nodes (faked, so this holds on GPU machines too)
+    probe = ("import glob, os, sys; os.path.exists = lambda p: False; glob.glob = lambda p: []; "
+             "from fire_core import provenance; print(provenance.cuda_gpu_count(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "False"]
 
 
 # ----------------------------------------------------------------------------- the released data, end to end
