@@ -139,6 +139,11 @@ class ModelConfig:
     patch_size: int = 16
     max_length: int = 512  # tokens per training sequence, image tokens included
     dtype: str = "float32"
+    # Tiny models only. `projector`: "mlp" is LLaVA-NeXT's Linear-GELU-Linear; "linear" is
+    # LLaVA-1's single linear map (the class's second layer fixed to the identity, no GELU).
+    # `tie_embeddings`: share the decoder's input and output embeddings.
+    projector: str = "mlp"
+    tie_embeddings: bool = True
     # Sequences per batched greedy generation outside the dialogue engine (accuracy, first
     # answers, fixed-dialogue turns); the engine's own batch is dialogue.batch_size.
     generate_batch_size: int = 32
@@ -154,6 +159,9 @@ class ModelConfig:
             _check(value >= 1, f"model.{name}", f"must be >= 1, got {value}")
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}")
+        _check(self.projector in ("mlp", "linear"), "model.projector", f"must be 'mlp' or 'linear', got '{self.projector}'")
+        _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings), "model.projector",
+               "model.projector and model.tie_embeddings apply to model.kind=tiny only (the others keep their own)")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                f"must be float32, bfloat16 or float16, got '{self.dtype}'")
 
@@ -184,6 +192,7 @@ class TrainConfig:
     language_pretrain_batch: int = 64  # text-only documents per step (about 34 tokens each)
     language_drills: int = 20000  # answer-comparison drills in the text corpus (half same, half different)
     vision_pretrain_lr: float = 3e-3
+    vision_pretrain_regions: bool = False  # also a head for each patch's region ("top left", ...)
     freeze_vision: bool = False  # LLaVA keeps its pretrained vision tower frozen
     eval_per_family: int = 100  # held-out samples per family for accuracy reports
     teacher_eval_per_family: int = 40  # stage 03: unseen-family gold dialogues, and probe samples per family

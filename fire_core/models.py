@@ -145,15 +145,21 @@ def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
         intermediate_size=4 * mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
         num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_heads,
         max_position_embeddings=max(mcfg.max_length, 512), pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=mcfg.tie_embeddings,
     )
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
         image_grid_pinpoints=[[image_size, image_size]], vision_feature_select_strategy="full",
         vision_feature_layer=-1,  # the default -2 would skip (and never train) the last layer
-        tie_word_embeddings=True,  # input and output embeddings shared: a third fewer LM weights
+        tie_word_embeddings=mcfg.tie_embeddings,
+        projector_hidden_act="linear" if mcfg.projector == "linear" else "gelu",
     )
     model = LlavaNextForConditionalGeneration(config)
+    if mcfg.projector == "linear":  # LLaVA-1's projector inside LLaVA-NeXT's class
+        out = model.model.multi_modal_projector.linear_2
+        with torch.no_grad():
+            out.weight.copy_(torch.eye(out.weight.shape[0]))
+            out.bias.zero_()
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     return model

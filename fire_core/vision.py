@@ -40,9 +40,22 @@ def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
 
 
+REGIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+
+
+def patch_regions(grid: int, size: int) -> list[int]:
+    """For each of grid x grid cells (row-major), the index in REGIONS of the region the world's
+    answers name for a point at the cell's centre (``world.region_name``)."""
+    cell = size / grid
+    return [REGIONS.index(world.region_name((c + 0.5) * cell, (r + 0.5) * cell, size))
+            for r in range(grid) for c in range(grid)]
+
+
 def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: int,
-                    heldout: int = 256) -> VisionPretrainResult:
-    """Train the vision tower to tell, for every patch, the colour, kind and character under it."""
+                    heldout: int = 256, regions: bool = False) -> VisionPretrainResult:
+    """Train the vision tower to tell, for every patch, the colour, kind and character under it;
+    with ``regions`` also the region of the image it lies in (the words the answers use: "at
+    the top left")."""
     import json
     import random
 
@@ -54,10 +67,13 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     order = random.Random(seed).sample(range(len(rows)), n)
     sub = rows.select(order)
     pix = _pixels(sub["image"])
-    labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
+    where = patch_regions(grid, vc.image_size)
+    labels = torch.tensor([[[*cell, region][:4 if regions else 3]
+                            for cell, region in zip(world.patch_labels(json.loads(sc), grid), where, strict=True)]
+                           for sc in sub["scene"]])  # (n, grid^2, 3 or 4): colour, kind, character[, region]
     torch.manual_seed(seed)  # the heads' initial weights
     heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
-                                 (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS)])
+                                 (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS, REGIONS)[:4 if regions else 3]])
     params = list(tower.parameters()) + list(heads.parameters())
     opt, sched = warmup_cosine_adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -77,14 +93,18 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     with torch.no_grad():
         h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
         acc = {}
-        for k, (name, head) in enumerate(zip(("colour", "kind", "char"), heads, strict=True)):
+        for k, (name, head) in enumerate(zip(("colour", "kind", "char", "region")[:len(heads)], heads, strict=True)):
             y = labels[:heldout][..., k]
-            mask = y > 0
+            mask = y >= 0 if name == "region" else y > 0  # every patch has a region
             acc[name] = float((head(h).argmax(-1)[mask] == y[mask]).float().mean()) if mask.any() else float("nan")
     return VisionPretrainResult(losses=losses, patch_accuracy=acc, seconds=time.time() - t0, images=n)
 
 
 def freeze_vision(model) -> None:
-    """LLaVA keeps the pretrained vision tower frozen; only projector and LM train."""
+    """LLaVA keeps the pretrained vision tower frozen; only projector and LM train. A linear
+    projector (``projector_hidden_act="linear"``, LLaVA-1's) also keeps its identity second
+    layer fixed, so that it stays one linear map."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
+    if getattr(model.config, "projector_hidden_act", None) == "linear":
+        model.model.multi_modal_projector.linear_2.requires_grad_(False)

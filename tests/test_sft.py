@@ -3,6 +3,7 @@ LoRA isolation, resume equivalence, and DeepSpeed ZeRO-2/3 through the Trainer."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -264,3 +265,49 @@ def test_the_training_loss_projects_only_trained_positions_and_equals_the_stock_
         assert positions.keep is None and model(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # hook idle
     finally:
         hook.remove()
+
+
+def test_a_linear_projector_stays_one_linear_map_and_untied_embeddings_are_separate(kit, tmp_path):
+    """model.projector=linear (LLaVA-1's projector in LLaVA-NeXT's class): the second layer is
+    the identity and stays so through training and save/load; model.tie_embeddings=false gives
+    the decoder an output layer of its own."""
+    cfg, _, _, proc = kit
+    mcfg = dataclasses.replace(cfg.model, projector="linear", tie_embeddings=False)
+    torch.manual_seed(0)
+    model = models.build_model(mcfg, proc)
+    proj = model.model.multi_modal_projector
+    assert model.config.projector_hidden_act == "linear"
+    x = torch.randn(5, cfg.model.vision_hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(proj(x), proj.linear_1(x), atol=1e-6)
+    lm_in, lm_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert lm_in.data_ptr() != lm_out.data_ptr()
+    vision.freeze_vision(model)
+    w1, out_before = proj.linear_1.weight.clone(), lm_out.detach().clone()
+    sft.fit(model, proc, _dataset(kit, 16), cfg.train, tmp_path, seed=0, max_steps=3, save_dir=tmp_path / "m")
+    assert torch.equal(proj.linear_2.weight, torch.eye(cfg.model.hidden_size)) and not proj.linear_2.bias.any()
+    assert not torch.equal(w1, proj.linear_1.weight), "the linear map trains"
+    assert not torch.equal(out_before, lm_out) and not torch.equal(lm_in, lm_out)
+    loaded, _ = models.load(tmp_path / "m")
+    assert loaded.config.projector_hidden_act == "linear" and not loaded.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.multi_modal_projector(x), proj(x), atol=1e-6)
+    tied = models.build_model(cfg.model, proc)  # the defaults: LLaVA-NeXT's MLP, tied embeddings
+    assert tied.config.projector_hidden_act == "gelu"
+    assert tied.get_input_embeddings().weight.data_ptr() == tied.get_output_embeddings().weight.data_ptr()
+
+
+def test_patch_regions_follow_the_worlds_region_names_and_the_tower_learns_them(kit):
+    import datasets
+
+    names = [vision.REGIONS[k] for k in vision.patch_regions(6, 96)]
+    assert names[0] == "top left" and names[5] == "top right" and names[35] == "bottom right"
+    assert names[14] == names[21] == "center" and names[12] == "left" and names[3] == "top"
+    cfg, _, _, proc = kit
+    rows = [world.make_sample(f, "train", i, 2, SIZE) for f in ("color", "count") for i in range(40)]
+    ds = datasets.Dataset.from_dict({"image": [s.image for s in rows], "scene": [json.dumps(s.scene) for s in rows]},
+                                    features=datasets.Features({"image": datasets.Image(), "scene": datasets.Value("string")}))
+    torch.manual_seed(0)
+    res = vision.pretrain_vision(models.build_model(cfg.model, proc), ds, steps=150, batch_size=16, lr=5e-3, seed=0,
+                                 heldout=20, regions=True)
+    assert res.patch_accuracy["region"] > 0.5, res.patch_accuracy  # chance among 9 regions is 0.11

@@ -84,7 +84,8 @@ def run(cfg: FireConfig) -> BaseResult:
                          lang.drill_accuracy_after, lang.seconds)
             if cfg.train.vision_pretrain_steps > 0 and cfg.model.kind == "tiny":
                 vision = pretrain_vision(model, ds["train"], cfg.train.vision_pretrain_steps, 64,
-                                         cfg.train.vision_pretrain_lr, cfg.seed)
+                                         cfg.train.vision_pretrain_lr, cfg.seed,
+                                         regions=cfg.train.vision_pretrain_regions)
                 log.info("vision pretraining: patch accuracy %s in %.0f s", vision.patch_accuracy, vision.seconds)
             if cfg.train.freeze_vision:
                 freeze_vision(model)
