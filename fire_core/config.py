@@ -140,7 +140,8 @@ class ModelConfig:
     max_length: int = 512  # tokens per training sequence, image tokens included
     dtype: str = "float32"
     # Tiny models only. `projector`: "mlp" is LLaVA-NeXT's Linear-GELU-Linear; "linear" is
-    # LLaVA-1's single linear map (the class's second layer fixed to the identity, no GELU).
+    # LLaVA-1's single linear map (no GELU; the class's second layer is the identity, held fixed
+    # by the stages' train.freeze_vision).
     # `tie_embeddings`: share the decoder's input and output embeddings.
     projector: str = "mlp"
     tie_embeddings: bool = True
