@@ -40,14 +40,11 @@ def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
 
 
-REGIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-
-
 def patch_regions(grid: int, size: int) -> list[int]:
-    """For each of grid x grid cells (row-major), the index in REGIONS of the region the world's
-    answers name for a point at the cell's centre (``world.region_name``)."""
+    """For each of grid x grid cells (row-major), the index in ``world.REGIONS`` of the region the
+    world's answers name for a point at the cell's centre (``world.region_name``)."""
     cell = size / grid
-    return [REGIONS.index(world.region_name((c + 0.5) * cell, (r + 0.5) * cell, size))
+    return [world.REGIONS.index(world.region_name((c + 0.5) * cell, (r + 0.5) * cell, size))
             for r in range(grid) for c in range(grid)]
 
 
@@ -67,13 +64,15 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     order = random.Random(seed).sample(range(len(rows)), n)
     sub = rows.select(order)
     pix = _pixels(sub["image"])
-    where = patch_regions(grid, vc.image_size)
-    labels = torch.tensor([[[*cell, region][:4 if regions else 3]
-                            for cell, region in zip(world.patch_labels(json.loads(sc), grid), where, strict=True)]
-                           for sc in sub["scene"]])  # (n, grid^2, 3 or 4): colour, kind, character[, region]
+    labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
+    names, classes = ["colour", "kind", "char"], [world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS]
+    if regions:  # the same for every image: where each patch lies
+        where = torch.tensor(patch_regions(grid, vc.image_size)).expand(n, -1)
+        labels = torch.cat([labels, where.unsqueeze(-1)], dim=-1)
+        names.append("region")
+        classes.append(world.REGIONS)
     torch.manual_seed(seed)  # the heads' initial weights
-    heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in
-                                 (world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS, REGIONS)[:4 if regions else 3]])
+    heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in classes])
     params = list(tower.parameters()) + list(heads.parameters())
     opt, sched = warmup_cosine_adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -93,9 +92,9 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     with torch.no_grad():
         h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
         acc = {}
-        for k, (name, head) in enumerate(zip(("colour", "kind", "char", "region")[:len(heads)], heads, strict=True)):
+        for k, (name, head) in enumerate(zip(names, heads, strict=True)):
             y = labels[:heldout][..., k]
-            mask = y >= 0 if name == "region" else y > 0  # every patch has a region
+            mask = y >= 0 if name == "region" else y > 0  # class 0 is "nothing" except for regions
             acc[name] = float((head(h).argmax(-1)[mask] == y[mask]).float().mean()) if mask.any() else float("nan")
     return VisionPretrainResult(losses=losses, patch_accuracy=acc, seconds=time.time() - t0, images=n)
 

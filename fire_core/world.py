@@ -94,6 +94,9 @@ class Sample:
 # Geometry and rendering
 
 
+REGIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+
+
 def region_name(x: float, y: float, size: int) -> str:
     """A 3x3 grid name for a point: 'top left', 'top', ..., 'center', ..., 'bottom right'."""
     col = "left" if x < size / 3 else ("right" if x > 2 * size / 3 else "")

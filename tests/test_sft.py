@@ -300,7 +300,7 @@ def test_a_linear_projector_stays_one_linear_map_and_untied_embeddings_are_separ
 def test_patch_regions_follow_the_worlds_region_names_and_the_tower_learns_them(kit):
     import datasets
 
-    names = [vision.REGIONS[k] for k in vision.patch_regions(6, 96)]
+    names = [world.REGIONS[k] for k in vision.patch_regions(6, 96)]
     assert names[0] == "top left" and names[5] == "top right" and names[35] == "bottom right"
     assert names[14] == names[21] == "center" and names[12] == "left" and names[3] == "top"
     cfg, _, _, proc = kit
