@@ -143,8 +143,11 @@ class ModelConfig:
     # LLaVA-1's single linear map (no GELU; the class's second layer is the identity, held fixed
     # by the stages' train.freeze_vision).
     # `tie_embeddings`: share the decoder's input and output embeddings.
+    # `image_position`: where the tiny chat template puts a message's image, "before_text"
+    # (LLaVA's usual layout) or "after_text" (the question first; see fire_core.models).
     projector: str = "mlp"
     tie_embeddings: bool = True
+    image_position: str = "before_text"
     # Sequences per batched greedy generation outside the dialogue engine (accuracy, first
     # answers, fixed-dialogue turns); the engine's own batch is dialogue.batch_size.
     generate_batch_size: int = 32
@@ -161,8 +164,12 @@ class ModelConfig:
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}")
         _check(self.projector in ("mlp", "linear"), "model.projector", f"must be 'mlp' or 'linear', got '{self.projector}'")
-        _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings), "model.projector",
-               "model.projector and model.tie_embeddings apply to model.kind=tiny only (the others keep their own)")
+        _check(self.image_position in ("before_text", "after_text"), "model.image_position",
+               f"must be 'before_text' or 'after_text', got '{self.image_position}'")
+        _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings
+                                       and self.image_position == "before_text"), "model.projector",
+               "model.projector, model.tie_embeddings and model.image_position apply to model.kind=tiny only "
+               "(the others keep their own)")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                f"must be float32, bfloat16 or float16, got '{self.dtype}'")
 

@@ -40,24 +40,41 @@ BOS, EOS, PAD, UNK, IMAGE = "<s>", "<|end|>", "<pad>", "<unk>", "<image>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE, *ROLE_TOKENS]
 
-# One message: <|role|>\n content <|end|>\n ; an image part is <image>\n before the text.
-# HF renders Jinja with trim_blocks, so newlines are written as {{ '\n' }}.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|>' }}{{ '\n' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>' }}{{ '\n' }}"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|end|>' }}{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{{ '\n' }}{% endif %}"
-)
+# One message: <|role|>\n content <|end|>\n . Where a message holds an image and text, the image
+# comes before the text (`image_position="before_text"`, LLaVA's usual layout) or after it
+# ("after_text": the question first, then the image, so the causal decoder's image tokens can
+# attend to the question). HF renders Jinja with trim_blocks, so newlines are written as {{ '\n' }}.
+IMAGE_POSITIONS = ("before_text", "after_text")
+_PARTS = {
+    "before_text": ("{% for c in m['content'] %}"
+                    "{% if c['type'] == 'image' %}{{ '<image>' }}{{ '\n' }}"
+                    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+                    "{% endfor %}"),
+    "after_text": ("{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                   "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '\n' }}{{ '<image>' }}{% endif %}"
+                   "{% endfor %}"),
+}
 
 
-def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def chat_template(image_position: str = "before_text") -> str:
+    """The tiny models' chat template (Jinja) for the given image position."""
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
+    return ("{{ bos_token }}"
+            "{% for m in messages %}"
+            "{{ '<|' + m['role'] + '|>' }}{{ '\n' }}"
+            "{% if m['content'] is string %}{{ m['content'] }}"
+            "{% else %}" + _PARTS[image_position] + "{% endif %}"
+            "{{ '<|end|>' }}{{ '\n' }}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{{ '\n' }}{% endif %}")
+
+
+CHAT_TEMPLATE = chat_template("before_text")
+
+
+def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                image_position: str = "before_text") -> tuple[str, list[tuple[int, int]]]:
     """The chat template in Python: the text, and the character spans of trainable assistant
     content (plus its closing <|end|>, so the model learns to stop). Tests check it equals the
     Jinja template."""
@@ -68,7 +85,11 @@ def render_chat(messages: Sequence[dict[str, Any]], add_generation_prompt: bool 
         head = f"<|{m['role']}|>\n"
         content = m["content"]
         if not isinstance(content, str):
-            content = "".join(f"{IMAGE}\n" if c["type"] == "image" else c.get("text", "") for c in content)
+            if image_position == "after_text":
+                content = ("".join(c.get("text", "") for c in content if c["type"] == "text")
+                           + "".join(f"\n{IMAGE}" for c in content if c["type"] == "image"))
+            else:
+                content = "".join(f"{IMAGE}\n" if c["type"] == "image" else c.get("text", "") for c in content)
         body = content + EOS
         start = pos + len(head)
         out += [head, body, "\n"]
@@ -115,9 +136,11 @@ def build_processor(tokenizer, mcfg: ModelConfig, image_size: int):
         do_center_crop=False, image_grid_pinpoints=[[image_size, image_size]],
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
+    template = chat_template(mcfg.image_position)
+    tokenizer.chat_template = template  # saved with the model: one format for training and prompting
     return LlavaNextProcessor(image_processor=improc, tokenizer=tokenizer, patch_size=mcfg.patch_size,
                               vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                              chat_template=CHAT_TEMPLATE, image_token=IMAGE)
+                              chat_template=template, image_token=IMAGE)
 
 
 def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):

@@ -3,6 +3,9 @@ parser, save/load, and batched generation."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,8 +41,9 @@ def test_tokenizer_has_the_special_tokens(kit):
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
+@pytest.mark.parametrize("position", models.IMAGE_POSITIONS)
 @pytest.mark.parametrize("which", ["base", "student", "teacher", "student_prompt", "teacher_prompt"])
-def test_python_renderer_equals_the_jinja_template(kit, which):
+def test_python_renderer_equals_the_jinja_template(kit, which, position):
     _, samples, tok, _, _ = kit
     s = samples[0]
     turns = [Turn(s.response, 3, "Look again at the left."), Turn("The answer is 2.", 9, "Correct.")]
@@ -50,8 +54,24 @@ def test_python_renderer_equals_the_jinja_template(kit, which):
         "student_prompt": (prompts.student_prompt(s.question, turns), True),
         "teacher_prompt": (prompts.teacher_prompt(s.question, s.answer, turns[:1], "It is 4."), True),
     }[which]
-    py, _ = models.render_chat(msgs, add_generation_prompt=gen)
-    assert py == tok.apply_chat_template(_strip(msgs), tokenize=False, add_generation_prompt=gen)
+    py, _ = models.render_chat(msgs, add_generation_prompt=gen, image_position=position)
+    assert py == tok.apply_chat_template(_strip(msgs), tokenize=False, add_generation_prompt=gen,
+                                         chat_template=models.chat_template(position))
+    # the image before or after the first user message's text, never elsewhere
+    user = py.split("<|user|>\n", 1)[1].split("<|end|>", 1)[0]
+    assert user.startswith("<image>\n") if position == "before_text" else user.endswith("\n<image>")
+    assert py.count("<image>") == 1
+
+
+def test_the_processor_and_its_tokenizer_carry_the_configured_template(kit):
+    cfg, _, tok, _, _ = kit
+    mcfg = dataclasses.replace(cfg.model, image_position="after_text")
+    proc = models.build_processor(copy.deepcopy(tok), mcfg, cfg.world.image_size)  # the kit's own stays as it is
+    assert proc.chat_template == proc.tokenizer.chat_template == models.chat_template("after_text")
+    msgs = _strip(prompts.base_messages([("What color is the star?", "Blue.")]))
+    assert "What color is the star?\n<image><|end|>" in proc.apply_chat_template(msgs, tokenize=False)
+    with pytest.raises(ValueError, match="image_position"):
+        models.chat_template("middle")
 
 
 def test_tokenizer_and_processor_round_trip(kit, tmp_path):
