@@ -65,9 +65,7 @@ env: $(ENV_STAMP) ## Build .venv and its Jupyter kernel (idempotent)
 $(ENV_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# --no-compile: the dependencies hold 18k .py files (transformers 2,860 of them took 11 s to
-	@# byte-compile here); Python compiles only the modules it imports, on first use
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e .
+	$(PY) -m pip install --quiet -c constraints.txt -e .
 	$(PY) -m ipykernel install --prefix $(CURDIR)/$(VENV) --name $(KERNEL) --display-name "Python (fire-core)"
 	@# headless Chromium renders the report in make report-check and its test; best effort, never fatal
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
