@@ -123,6 +123,9 @@ class WorldConfig:
             _check(Path(self.font_path).is_file(), "world.font_path", f"names a missing file: {self.font_path}")
 
 
+IMAGE_POSITIONS = ("before_text", "after_text")  # model.image_position; fire_core.models builds each template
+
+
 @dataclass
 class ModelConfig:
     # The base VLM. `tiny` builds a LlavaNext-class model from these sizes and trains it from
@@ -164,12 +167,12 @@ class ModelConfig:
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}")
         _check(self.projector in ("mlp", "linear"), "model.projector", f"must be 'mlp' or 'linear', got '{self.projector}'")
-        _check(self.image_position in ("before_text", "after_text"), "model.image_position",
+        _check(self.image_position in IMAGE_POSITIONS, "model.image_position",
                f"must be 'before_text' or 'after_text', got '{self.image_position}'")
-        _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings
-                                       and self.image_position == "before_text"), "model.projector",
-               "model.projector, model.tie_embeddings and model.image_position apply to model.kind=tiny only "
-               "(the others keep their own)")
+        _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings), "model.projector",
+               "model.projector and model.tie_embeddings apply to model.kind=tiny only (the others keep their own)")
+        _check(self.kind == "tiny" or self.image_position == "before_text", "model.image_position",
+               "applies to model.kind=tiny only (the others keep their own chat template)")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                f"must be float32, bfloat16 or float16, got '{self.dtype}'")
 

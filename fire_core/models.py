@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from fire_core import provenance
-from fire_core.config import ModelConfig
+from fire_core.config import IMAGE_POSITIONS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, IMAGE, *ROLE_TOKENS]
 # comes before the text (`image_position="before_text"`, LLaVA's usual layout) or after it
 # ("after_text": the question first, then the image, so the causal decoder's image tokens can
 # attend to the question). HF renders Jinja with trim_blocks, so newlines are written as {{ '\n' }}.
-IMAGE_POSITIONS = ("before_text", "after_text")
 _PARTS = {
     "before_text": ("{% for c in m['content'] %}"
                     "{% if c['type'] == 'image' %}{{ '<image>' }}{{ '\n' }}"
