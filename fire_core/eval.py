@@ -81,16 +81,6 @@ def accuracy_table(rows: Sequence[dict[str, Any]]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Free-dialogue metrics
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Text metrics (pycocoevalcap's BLEU and CIDEr; lower-cased, punctuation split off)
-
-
-
-# ---------------------------------------------------------------------------------------------
 # The teacher in fixed dialogues: each gold teacher turn predicted from the gold history
 
 
