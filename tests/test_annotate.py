@@ -136,7 +136,7 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_dataset(smoke_root
 
 @pytest.mark.slow
 @pytest.mark.parametrize("faults", [[], ["--fault-429", "0.12", "--fault-500", "0.12", "--fault-malformed", "0.08",
-                                         "--fault-truncated", "0.08", "--fault-timeout", "0.05", "--timeout-delay", "2"]],
+                                         "--fault-truncated", "0.08", "--fault-timeout", "0.05", "--timeout-delay", "1.2"]],
                          ids=["clean", "faults"])
 def test_openai_backend_against_the_local_server(smoke_root, tmp_path, faults):
     """Over real HTTP the served oracle writes the same dialogues as the in-process oracle."""
@@ -145,7 +145,7 @@ def test_openai_backend_against_the_local_server(smoke_root, tmp_path, faults):
     try:
         root = copy_stages(smoke_root, tmp_path, ("00_build_world", "01_train_base_vlm"))
         run_stage("fire100k", "02_generate_fire100k", root, ["annotator=openai", f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
-                          "annotator.timeout_s=1.0", "annotator.max_retries=8", "annotator.concurrency=4",
+                          f"annotator.timeout_s={0.6 if faults else 5.0}", "annotator.max_retries=8", "annotator.concurrency=4",
                           "annotator.max_failure_rate=1.0",
                           "annotator.requests_per_minute=100000"],  # the limiter has its own test
                    env={"OPENAI_API_KEY": "local-test-key", "FIRE_RETRY_BACKOFF_S": "0.05"})

@@ -24,6 +24,23 @@ def test_scales_differ_in_size():
     assert smoke.model.hidden_size < default.model.hidden_size
 
 
+def test_a_stage_has_its_own_settings_at_a_scale_only_where_a_stage_scale_file_says_so():
+    """conf/stage_scale/<stage>-<scale>.yaml applies to that stage at that scale, nowhere else;
+    every such file names a real stage and scale (a misnamed one would be skipped silently)."""
+    assert config.load("03_train_teacher", ["scale=smoke"]).train.epochs == 2
+    assert config.load("03_train_teacher", ["scale=smoke"]).train.learning_rate == pytest.approx(1e-2)
+    assert config.load("03_train_teacher", ["scale=default"]).train.epochs == 1
+    assert config.load("04_train_student", ["scale=smoke"]).train.learning_rate != pytest.approx(1e-2)
+    conf = config.CONF_DIR
+    scales = {p.stem for p in (conf / "scale").glob("*.yaml")}
+    files = sorted((conf / "stage_scale").glob("*.yaml"))
+    assert files
+    for f in files:
+        stage, _, scale = f.stem.rpartition("-")
+        assert stage in config.STAGES and scale in scales, f.name
+        assert f"optional stage_scale: {stage}-${{scale}}" in (conf / f"{stage}.yaml").read_text(), f.name
+
+
 def test_paper_scale_is_the_papers_recipe():
     cfg = config.load("00_build_world", ["scale=paper"])
     assert cfg.model.kind == "pretrained"

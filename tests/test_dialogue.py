@@ -233,6 +233,12 @@ def test_smoke_outputs_of_stages_03_to_05(smoke_root):
     d = smoke_root / "05_simulate_fire1m"
     stats = json.loads((d / "simulation_stats.json").read_text())
     assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values()) == stats["samples"]
+    # the smoke teacher writes scores (stage 03's smoke settings), so the engine's score paths run:
+    # turns scored, dialogues that go on past a low score and stop when satisfied
+    ev = json.loads((smoke_root / "03_train_teacher" / "manifest.json").read_text())["extra"]["eval"]
+    assert ev["seen"]["unparsable_share"] < 0.1 and ev["unseen"]["unparsable_share"] < 0.1, ev
+    assert stats["metrics"]["unparsable"] < stats["samples"] / 10 and stats["stops"].get("satisfied", 0) > 0, stats
+    assert stats["metrics"]["n_multi_turn"] > 0 and stats["kept"] > 0, stats
     f100 = {json.loads(line)["id"] for p in (smoke_root / "02_generate_fire100k" / "raw").glob("*.jsonl")
             for line in p.open()}
     f1m = [json.loads(p) for p in (d / "fire1m.jsonl").read_text().splitlines()]
