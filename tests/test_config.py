@@ -27,8 +27,8 @@ def test_scales_differ_in_size():
 def test_a_stage_has_its_own_settings_at_a_scale_only_where_a_stage_scale_file_says_so():
     """conf/stage_scale/<stage>-<scale>.yaml applies to that stage at that scale, nowhere else;
     every such file names a real stage and scale (a misnamed one would be skipped silently)."""
-    assert config.load("03_train_teacher", ["scale=smoke"]).train.epochs == 2
-    assert config.load("03_train_teacher", ["scale=smoke"]).train.learning_rate == pytest.approx(1e-2)
+    smoke = config.load("03_train_teacher", ["scale=smoke"]).train
+    assert smoke.epochs == 2 and smoke.learning_rate == pytest.approx(1e-2)
     assert config.load("03_train_teacher", ["scale=default"]).train.epochs == 1
     assert config.load("04_train_student", ["scale=smoke"]).train.learning_rate != pytest.approx(1e-2)
     conf = config.CONF_DIR
