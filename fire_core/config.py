@@ -151,6 +151,11 @@ class ModelConfig:
     projector: str = "mlp"
     tie_embeddings: bool = True
     image_position: str = "before_text"
+    # `vision_output`: what the tiny tower hands the projector per patch. "features": its last
+    # hidden state (LLaVA's way). "tags": the one-hot code of what its label heads read there
+    # (colour, kind, character) and of the patch's region (fire_core.tagger); the heads are
+    # trained by stage 01's vision pretraining.
+    vision_output: str = "features"
     # Sequences per batched greedy generation outside the dialogue engine (accuracy, first
     # answers, fixed-dialogue turns); the engine's own batch is dialogue.batch_size.
     generate_batch_size: int = 32
@@ -171,6 +176,10 @@ class ModelConfig:
                f"must be 'before_text' or 'after_text', got '{self.image_position}'")
         _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings), "model.projector",
                "model.projector and model.tie_embeddings apply to model.kind=tiny only (the others keep their own)")
+        _check(self.vision_output in ("features", "tags"), "model.vision_output",
+               f"must be 'features' or 'tags', got '{self.vision_output}'")
+        _check(self.kind == "tiny" or self.vision_output == "features", "model.vision_output",
+               "applies to model.kind=tiny only (the others keep their own vision tower)")
         _check(self.kind == "tiny" or self.image_position == "before_text", "model.image_position",
                "applies to model.kind=tiny only (the others keep their own chat template)")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fire_core import provenance
+from fire_core import provenance, tagger, world
 from fire_core.config import IMAGE_POSITIONS, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,19 @@ def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
     if mcfg.kind == "pretrained":
         return LlavaNextForConditionalGeneration.from_pretrained(mcfg.pretrained_id, dtype=getattr(torch, mcfg.dtype))
     image_size = image_size or processor.image_processor.size["height"]
-    vision = SiglipVisionConfig(
+    tower = dict(
         hidden_size=mcfg.vision_hidden_size, intermediate_size=4 * mcfg.vision_hidden_size,
         num_hidden_layers=mcfg.vision_layers, num_attention_heads=max(1, mcfg.vision_hidden_size // 32),
         image_size=image_size, patch_size=mcfg.patch_size, num_channels=3,
         vision_use_head=False,  # LLaVA never uses SigLIP's pooling head
     )
+    if mcfg.vision_output == "tags":  # per patch, the one-hot code of what the tower's heads read
+        vision = tagger.config(
+            tag_sizes=[len(world.PATCH_COLORS), len(world.PATCH_KINDS), len(world.PATCH_CHARS)],
+            patch_regions=world.patch_regions(image_size // mcfg.patch_size, image_size),
+            n_regions=len(world.REGIONS), **tower)
+    else:
+        vision = SiglipVisionConfig(**tower)
     text = LlamaConfig(
         vocab_size=max(mcfg.vocab_size, len(tok)), hidden_size=mcfg.hidden_size,
         intermediate_size=4 * mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
@@ -283,6 +290,7 @@ def load(path: Path | str, trainable: bool = False, dtype: torch.dtype | None = 
     on :func:`fire_core.provenance.device` (its saved dtype unless ``dtype`` is given)."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+    tagger.register()  # a saved tiny model may have the tagging tower
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no saved model at {path}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from fire_core import world
+from fire_core import tagger, world
 from fire_core.models import optimizer_step, warmup_cosine_adamw
 
 
@@ -40,19 +40,13 @@ def _pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).contiguous()
 
 
-def patch_regions(grid: int, size: int) -> list[int]:
-    """For each of grid x grid cells (row-major), the index in ``world.REGIONS`` of the region the
-    world's answers name for a point at the cell's centre (``world.region_name``)."""
-    cell = size / grid
-    return [world.REGIONS.index(world.region_name((c + 0.5) * cell, (r + 0.5) * cell, size))
-            for r in range(grid) for c in range(grid)]
-
-
 def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: int,
                     heldout: int = 256, regions: bool = False) -> VisionPretrainResult:
     """Train the vision tower to tell, for every patch, the colour, kind and character under it;
     with ``regions`` also the region of the image it lies in (the words the answers use: "at
-    the top left")."""
+    the top left"). The heads are thrown away, except a tagger's (``fire_core.tagger``): its
+    colour, kind and character heads are what it outputs, and the held-out accuracy reported is
+    theirs."""
     import json
     import random
 
@@ -67,13 +61,20 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     labels = torch.tensor([world.patch_labels(json.loads(sc), grid) for sc in sub["scene"]])  # (n, grid^2, 3)
     names, classes = ["colour", "kind", "char"], [world.PATCH_COLORS, world.PATCH_KINDS, world.PATCH_CHARS]
     if regions:  # the same for every image: where each patch lies
-        where = torch.tensor(patch_regions(grid, vc.image_size)).expand(n, -1)
+        where = torch.tensor(world.patch_regions(grid, vc.image_size)).expand(n, -1)
         labels = torch.cat([labels, where.unsqueeze(-1)], dim=-1)
         names.append("region")
         classes.append(world.REGIONS)
     torch.manual_seed(seed)  # the heads' initial weights
-    heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in classes])
-    params = list(tower.parameters()) + list(heads.parameters())
+    if tagger.is_tagger(tower):  # a tagger keeps its colour, kind and character heads
+        heads = torch.nn.ModuleList([*tower.heads, *(torch.nn.Linear(vc.hidden_size, len(v)) for v in classes[3:])])
+        features = tower.features
+    else:
+        heads = torch.nn.ModuleList([torch.nn.Linear(vc.hidden_size, len(v)) for v in classes])
+
+        def features(pixel_values):
+            return tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
+    params = list(dict.fromkeys([*tower.parameters(), *heads.parameters()]))  # a tagger's heads are the tower's
     opt, sched = warmup_cosine_adamw(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     train_idx = torch.arange(heldout, n)
@@ -85,12 +86,12 @@ def pretrain_vision(model, rows, steps: int, batch_size: int, lr: float, seed: i
     for _ in tqdm(range(steps), desc="vision pretraining", unit="step"):
         b = train_idx[torch.randint(len(train_idx), (batch_size,), generator=gen)]
         with native_convolution():
-            h = tower(pixel_values=pix[b].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+            h = features(pix[b].float() / 127.5 - 1)
             loss = sum(torch.nn.functional.cross_entropy(head(h).flatten(0, 1), labels[b][..., k].flatten())
                        for k, head in enumerate(heads))
             losses.append(optimizer_step(loss, params, opt, sched))
     with torch.no_grad():
-        h = tower(pixel_values=pix[:heldout].float() / 127.5 - 1, output_hidden_states=True).hidden_states[-1]
+        h = features(pix[:heldout].float() / 127.5 - 1)
         acc = {}
         for k, (name, head) in enumerate(zip(names, heads, strict=True)):
             y = labels[:heldout][..., k]

@@ -709,6 +709,14 @@ def _char_boxes(text: str, box: list[float]) -> list[tuple[str, float]]:
     return [(c, x0 + (k + 0.5) * step) for k, c in enumerate(text.lower()) if c != " "]
 
 
+def patch_regions(grid: int, size: int) -> list[int]:
+    """For each of grid x grid cells (row-major), the index in ``REGIONS`` of the region the
+    world's answers name for a point at the cell's centre (``region_name``)."""
+    cell = size / grid
+    return [REGIONS.index(region_name((c + 0.5) * cell, (r + 0.5) * cell, size))
+            for r in range(grid) for c in range(grid)]
+
+
 def patch_labels(scene: dict[str, Any], grid: int, font_path: str | None = None) -> list[list[int]]:
     """For each of grid x grid cells (row-major), [colour, kind, character] class indices of
     what is painted there (index 0: nothing), from a pixel-exact mask of the scene."""

@@ -300,7 +300,7 @@ def test_a_linear_projector_stays_one_linear_map_and_untied_embeddings_are_separ
 def test_patch_regions_follow_the_worlds_region_names_and_the_tower_learns_them(kit):
     import datasets
 
-    names = [world.REGIONS[k] for k in vision.patch_regions(6, 96)]
+    names = [world.REGIONS[k] for k in world.patch_regions(6, 96)]
     assert names[0] == "top left" and names[5] == "top right" and names[35] == "bottom right"
     assert names[14] == names[21] == "center" and names[12] == "left" and names[3] == "top"
     cfg, _, _, proc = kit
@@ -311,3 +311,51 @@ def test_patch_regions_follow_the_worlds_region_names_and_the_tower_learns_them(
     res = vision.pretrain_vision(models.build_model(cfg.model, proc), ds, steps=150, batch_size=16, lr=5e-3, seed=0,
                                  heldout=20, regions=True)
     assert res.patch_accuracy["region"] > 0.5, res.patch_accuracy  # chance among 9 regions is 0.11
+
+
+def test_a_tagging_tower_hands_the_projector_its_heads_one_hot_labels_and_reloads(kit, tmp_path):
+    import dataclasses
+
+    import datasets
+
+    from fire_core import tagger
+
+    cfg, samples, tok, proc = kit
+    mcfg = dataclasses.replace(cfg.model, vision_output="tags", vision_hidden_size=96)
+    with pytest.raises(ValueError, match="does not fit in the tower's hidden size 32"):
+        models.build_model(dataclasses.replace(mcfg, vision_hidden_size=32), proc)
+    rows = [world.make_sample(f, "train", i, 3, SIZE) for f in ("color", "ocr") for i in range(30)]
+    ds = datasets.Dataset.from_dict({"image": [s.image for s in rows], "scene": [json.dumps(s.scene) for s in rows]},
+                                    features=datasets.Features({"image": datasets.Image(), "scene": datasets.Value("string")}))
+    torch.manual_seed(0)
+    model = models.build_model(mcfg, proc)
+    tower = model.model.vision_tower
+    assert tagger.is_tagger(tower) and type(tower).__name__ == "TaggerVisionModel"
+    heads_before = [h.weight.clone() for h in tower.heads]
+    res = vision.pretrain_vision(model, ds, steps=150, batch_size=16, lr=5e-3, seed=0, heldout=20)
+    assert all(not torch.equal(b, h.weight) for b, h in zip(heads_before, tower.heads, strict=True)), \
+        "pretraining trains the tagger's own heads"
+    assert res.patch_accuracy["colour"] > 0.3, res.patch_accuracy  # the accuracy of what the tagger outputs
+    vision.freeze_vision(model)
+    assert not any(p.requires_grad for p in tower.parameters())
+
+    pixels = proc.image_processor([samples[0].image, samples[40].image], return_tensors="pt")["pixel_values"][:, 0]
+    with torch.no_grad():
+        code = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        tags = tower.tags(tower.features(pixels))
+    sizes = [len(world.PATCH_COLORS), len(world.PATCH_KINDS), len(world.PATCH_CHARS), len(world.REGIONS)]
+    blocks = torch.split(code, [*sizes, code.shape[-1] - sum(sizes)], dim=-1)
+    grid = SIZE // mcfg.patch_size
+    for block, t in zip(blocks, tags, strict=False):  # one 1 per patch, where the head's argmax is
+        assert torch.equal(block, torch.nn.functional.one_hot(t, block.shape[-1]).float())
+    assert blocks[3].argmax(-1).tolist() == [world.patch_regions(grid, SIZE)] * 2 and torch.all(blocks[3].sum(-1) == 1)
+    assert not blocks[4].any(), "dimensions past the code stay zero"
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    again, _ = models.load(tmp_path)
+    assert type(again.model.vision_tower) is type(tower)
+    enc = proc(images=[samples[0].image], text=["<image>\nWhat colour?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, again(**enc).logits), "a saved tagger reloads to the same model"
