@@ -153,7 +153,14 @@ def make_deterministic(seed: int, num_threads: int) -> None:
     torch.manual_seed(seed)
     if num_threads:
         torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms(True) also sets inductor's flag and so imports
+    # torch._dynamo and torch._inductor: about 2 s in every stage that never loads them
+    # otherwise. Nothing here compiles with inductor, so where it is not loaded only the
+    # eager switch (the same call the public function makes) is set.
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
     torch.backends.mkldnn.deterministic = True  # oneDNN's own switch; the line above leaves it off
 
 

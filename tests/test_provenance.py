@@ -121,3 +121,15 @@ def test_conversation_figures_show_every_word(cfg, tmp_path):
     plt.close(fig)
     with pytest.raises(ValueError, match="at least one panel"):
         plots.conversations([])
+
+
+def test_make_deterministic_turns_on_torchs_deterministic_algorithms_without_loading_inductor():
+    """In a fresh interpreter, as a stage starts: the switch is on, and torch._inductor (2 s to
+    import) is not loaded by it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fire_core import provenance; provenance.make_deterministic(0, 1); "
+            "print(torch.are_deterministic_algorithms_enabled(), 'torch._inductor.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
