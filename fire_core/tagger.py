@@ -7,11 +7,12 @@ is trained from scratch on a CPU, and measured (README, base VLM) the projector 
 not learn to read the tower's continuous features within the stage's budget, while the same
 tower's predictions made one-hot were read (colour questions 44-48% -> 84% of val). The tagger
 is that finding as a module: the tower and its heads are trained by ``fire_core.vision`` and
-then frozen; the LlavaNext projector and decoder see hard labels.
+then frozen; the LlavaNext projector and decoder see hard labels. On stage 01's nine-family
+mix it made no difference (README): the mix gives each family too few chats for the lookup.
 
 It is a transformers model (``model_type="fire_tagger"``), registered with the Auto classes
-on import, so ``LlavaNextForConditionalGeneration.from_pretrained`` rebuilds it from a saved
-config. Only the tiny models use it; the paper's LLaVA-NeXT keeps its own tower.
+on first use (``models.build_model`` and ``models.load`` call :func:`register`), so a saved
+model rebuilds it from its config. Only the tiny models use it; the paper's LLaVA-NeXT keeps its own tower.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ def _classes():
                 raise ValueError(f"patch_regions has {len(self.patch_regions)} entries for {patches} patches")
             if any(not 0 <= r < self.n_regions for r in self.patch_regions):
                 raise ValueError(f"patch_regions must lie in [0, {self.n_regions})")
-
 
     class TaggerVisionModel(SiglipVisionModel):
         """SigLIP's vision model with label heads. ``forward`` returns SigLIP's outputs with the
