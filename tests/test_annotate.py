@@ -236,7 +236,9 @@ def test_a_failing_endpoint_stops_the_run_with_a_clear_message(smoke_root, tmp_p
                 "cfg = config.load('02_generate_fire100k', sys.argv[1:]); stage_fire100k.run(cfg)")
         proc = subprocess.run([sys.executable, "-c", code, "scale=smoke", f"paths.results={root}", "annotator=openai",
                                f"annotator.base_url=http://127.0.0.1:{port}/v1", "annotator.model=oracle",
-                               "annotator.max_retries=0"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                               "annotator.max_retries=0",
+                               "annotator.requests_per_minute=100000"],  # the limiter has its own test
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OPENAI_API_KEY": "local-test-key"})
     finally:
         server.kill()
