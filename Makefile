@@ -106,7 +106,7 @@ stage: $(ENV_STAMP) ## Run one stage (and the ones it needs): STAGE=<name>
 	$(MAKE) --no-print-directory $(RESULTS)/$(STAGE)/DONE RUN=$(RUN)
 
 test: $(ENV_STAMP) ## Build the env if needed, then run every test (includes the smoke pipeline)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=12  # the slowest twelve, to watch the 12-minute budget
 
 test-fast: $(ENV_STAMP) ## Unit tests only (skip the papermill runs)
 	$(PY) -m pytest tests -q -m "not slow"

@@ -157,6 +157,10 @@ class ModelConfig:
     # trained by stage 01's vision pretraining. Measured (README): tags took colour-only training
     # from 44% to 84% of val, and made no difference on stage 01's nine-family mix.
     vision_output: str = "features"
+    # `projector_init`: "hf" is transformers' (normal, std 0.02); "torch" is PyTorch's own
+    # nn.Linear initialisation (uniform in +-1/sqrt(fan_in)), under which the image tokens start
+    # at about a word embedding's norm rather than a fraction of it (README, base VLM, session 14).
+    projector_init: str = "hf"
     # Sequences per batched greedy generation outside the dialogue engine (accuracy, first
     # answers, fixed-dialogue turns); the engine's own batch is dialogue.batch_size.
     generate_batch_size: int = 32
@@ -177,6 +181,10 @@ class ModelConfig:
                f"must be 'before_text' or 'after_text', got '{self.image_position}'")
         _check(self.kind == "tiny" or (self.projector == "mlp" and self.tie_embeddings), "model.projector",
                "model.projector and model.tie_embeddings apply to model.kind=tiny only (the others keep their own)")
+        _check(self.projector_init in ("hf", "torch"), "model.projector_init",
+               f"must be 'hf' or 'torch', got '{self.projector_init}'")
+        _check(self.kind == "tiny" or self.projector_init == "hf", "model.projector_init",
+               "applies to model.kind=tiny only (the others load or build their own)")
         _check(self.vision_output in ("features", "tags"), "model.vision_output",
                f"must be 'features' or 'tags', got '{self.vision_output}'")
         _check(self.kind == "tiny" or self.vision_output == "features", "model.vision_output",
@@ -223,6 +231,8 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar length: less padding for dialogues of 1-5 turns
     judgement_per_sample: int = 0  # teacher: oracle-judged dialogues per FIRE-100K sample, balanced right/wrong per turn
     judgement_warmup_steps: int = 0  # teacher: text-only steps on short judgement chats before its SFT
+    family_warmup: list[str] = field(default_factory=list)  # stage 01: families trained alone first (a curriculum)
+    family_warmup_steps: int = 0  # stage 01: steps on family_warmup's QA chats (no captions, no follow-ups) before the mix
 
     def __post_init__(self) -> None:
         _check(self.method in ("full", "lora"), "train.method", f"must be 'full' or 'lora', got '{self.method}'")
@@ -256,6 +266,13 @@ class TrainConfig:
                f"must be >= 0, got {self.judgement_per_sample}")
         _check(self.judgement_warmup_steps >= 0, "train.judgement_warmup_steps",
                f"must be >= 0, got {self.judgement_warmup_steps}")
+        _check(self.family_warmup_steps >= 0, "train.family_warmup_steps",
+               f"must be >= 0, got {self.family_warmup_steps}")
+        unknown = [f for f in self.family_warmup if f not in SEEN_FAMILIES]
+        _check(not unknown, "train.family_warmup", f"names families that are not seen families: {unknown} "
+               f"(seen: {list(SEEN_FAMILIES)})")
+        _check(bool(self.family_warmup) == (self.family_warmup_steps > 0), "train.family_warmup",
+               "and train.family_warmup_steps go together: families and a step count, or neither")
         if self.deepspeed is not None:
             path = Path(self.deepspeed)
             if not path.is_absolute():

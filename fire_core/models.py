@@ -184,6 +184,9 @@ def build_model(mcfg: ModelConfig, processor, image_size: int | None = None):
         projector_hidden_act="linear" if mcfg.projector == "linear" else "gelu",
     )
     model = LlavaNextForConditionalGeneration(config)
+    if mcfg.projector_init == "torch":  # nn.Linear's own draw instead of transformers' normal(0, 0.02)
+        for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            layer.reset_parameters()
     if mcfg.projector == "linear":  # LLaVA-1's projector inside LLaVA-NeXT's class
         out = model.model.multi_modal_projector.linear_2
         with torch.no_grad():

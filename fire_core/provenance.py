@@ -132,6 +132,7 @@ SEED_OFFSETS = {
     "dress_captions": 7,  # stage 07: the captioning regulariser's questions (the same for every variant)
     "false_premise": 8,  # stage 07: the false-premise questions of the harmlessness analog
     "judgement_heldout": 9,  # stage 03: held-out (val) judgement chats that measure the warm-up
+    "family_warmup": 10,  # stage 01: the family warm-up's chats (train.family_warmup)
 }
 
 

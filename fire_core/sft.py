@@ -446,19 +446,21 @@ def fit(model, processor, dataset: SFTDataset, tcfg: TrainConfig, out_dir: Path,
                      heldout_loss_before=before, heldout_loss_after=after)
 
 
-def base_examples(rows, cfg, rng) -> list[Example]:
-    """Single-turn QA chats, some with follow-up questions about the same image."""
+def base_examples(rows, cfg, rng, extras: bool = True) -> list[Example]:
+    """Single-turn QA chats, some with follow-up questions about the same image and a dense
+    caption (``cfg.train.followup_prob``, ``caption_prob``); with ``extras=False`` only the QA."""
     import json
 
 
     out = []
+    followup_prob, caption_prob = (cfg.train.followup_prob, cfg.train.caption_prob) if extras else (0.0, 0.0)
     for r in rows:
         qa = [(r["question"], r["response"])]
         scene = json.loads(r["scene"])
-        if rng.random() < cfg.train.followup_prob:
+        if rng.random() < followup_prob:
             for _ in range(rng.randint(1, 2)):
                 qa.append(world.follow_up(scene, rng))
-        if rng.random() < cfg.train.caption_prob:  # LLaVA's feature alignment: describe it all
+        if rng.random() < caption_prob:  # LLaVA's feature alignment: describe it all
             qa.insert(rng.randint(0, len(qa)), (rng.choice(world.DETAIL_QUESTIONS), world.dense_caption(scene)))
         out.append(Example(prompts.base_messages(qa), r["image"], {"id": r["id"], "family": r["family"]}))
     return out

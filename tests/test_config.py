@@ -91,6 +91,7 @@ def test_loading_twice_in_one_process():
         ("bench.ci=1.5", "'bench.ci' must be in (0, 1)"),
         ("model.image_position=middle", "'model.image_position' must be 'before_text' or 'after_text', got 'middle'"),
         ("model.vision_output=pixels", "'model.vision_output' must be 'features' or 'tags', got 'pixels'"),
+        ("model.projector_init=xavier", "'model.projector_init' must be 'hf' or 'torch', got 'xavier'"),
         ("seed=-1", "'seed' must be >= 0"),
         ("world.seen_families=[color,colr]", "unknown family 'colr' (did you mean 'color'?)"),
         ("annotator.base_url=ftp://x", "'annotator.base_url' must start with http"),

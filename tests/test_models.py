@@ -118,6 +118,26 @@ def test_model_is_llava_next_with_a_small_vision_tower(kit):
     assert 0 < counts["vision"] < counts["total"]
 
 
+def test_projector_init_torch_draws_nn_linears_own_uniform_weights(kit):
+    import dataclasses
+
+    cfg, _, _, proc, model = kit
+    hf = model.model.multi_modal_projector.linear_1.weight
+    assert abs(float(hf.std()) - 0.02) < 0.004  # transformers' normal(0, 0.02)
+    torch.manual_seed(0)
+    drawn = models.build_model(dataclasses.replace(cfg.model, projector_init="torch"), proc)
+    for layer in (drawn.model.multi_modal_projector.linear_1, drawn.model.multi_modal_projector.linear_2):
+        bound = 1 / layer.in_features ** 0.5
+        w = layer.weight
+        assert float(w.abs().max()) <= bound and float(w.std()) > 0.8 * bound / 3 ** 0.5  # uniform(-b, b)
+        assert float(layer.bias.abs().max()) <= bound and float(layer.bias.abs().max()) > 0
+    # only the projector differs from the default draw: the decoder is the same
+    torch.manual_seed(0)
+    default = models.build_model(cfg.model, proc)
+    lm = dict(default.model.language_model.named_parameters())
+    assert all(torch.equal(p, lm[n]) for n, p in drawn.model.language_model.named_parameters())
+
+
 def test_save_and_load_give_identical_logits(kit, tmp_path):
     _, samples, _, proc, model = kit
     model.save_pretrained(tmp_path)

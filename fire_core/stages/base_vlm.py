@@ -40,6 +40,29 @@ def tokenizer_corpus(ds) -> list[str]:
     return texts
 
 
+def family_warmup(model, processor, cfg: FireConfig, ds, train_rows, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """``cfg.train.family_warmup_steps`` steps on the QA chats alone (no captions, no follow-ups)
+    of the ``cfg.train.family_warmup`` families among the stage's own train rows, then greedy
+    accuracy on those families' val questions. Its checkpoints (``out_dir``) let a killed stage
+    skip it on the rerun; the stage removes them with its own."""
+    import random
+
+    idx = [i for i, f in enumerate(train_rows["family"]) if f in set(cfg.train.family_warmup)]
+    rows = train_rows.select(idx)
+    rng = random.Random(provenance.derived_seed(cfg.seed, "family_warmup"))
+    data = SFTDataset(base_examples(rows, cfg, rng, extras=False), processor, cfg.model.max_length)
+    result = fit(model, processor, data, cfg.train, out_dir, seed=cfg.seed, max_steps=cfg.train.family_warmup_steps)
+    val = ds["val"].select(sorted(select_per_family(ds["val"], cfg.train.family_warmup, cfg.train.eval_per_family,
+                                                    cfg.seed)))
+    preds = evaluate.qa_predictions(result.model, processor, list(val), cfg.train.max_new_tokens,
+                                    batch_size=cfg.model.generate_batch_size, desc="warm-up val")
+    acc = evaluate.accuracy_table(preds)
+    return result.model, {"families": list(cfg.train.family_warmup), "chats": len(data), "steps": result.steps,
+            "seconds": round(result.seconds, 1), "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
+            "val_accuracy": {r.family: round(float(r.accuracy), 4) for r in acc.itertuples() if r.family != "all"},
+            "resumed_from": result.resumed_from}
+
+
 def run(cfg: FireConfig) -> BaseResult:
     """Stage 01: tokenizer, processor and base VLM from the world's train split; accuracy per
     family on val, test and the unseen families; a loss curve."""
@@ -51,7 +74,7 @@ def run(cfg: FireConfig) -> BaseResult:
     ds = world.load(cfg)
     with provenance.stage_run(cfg, inputs=[world_dir / "dataset"]) as run:
         model_dir = run.dir / "model"
-        vision, result, lang = None, None, None
+        vision, result, lang, warmup = None, None, None, None
         if cfg.model.kind == "pretrained":  # paper scale: LLaVA-NeXT-8B is the base; evaluate it
             model, processor = models.load_pretrained(cfg.model)
             (model_dir / "PRETRAINED").parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +112,9 @@ def run(cfg: FireConfig) -> BaseResult:
                 log.info("vision pretraining: patch accuracy %s in %.0f s", vision.patch_accuracy, vision.seconds)
             if cfg.train.freeze_vision:
                 freeze_vision(model)
+            if cfg.train.family_warmup_steps > 0:  # a curriculum: some families alone, then the mix
+                model, warmup = family_warmup(model, processor, cfg, ds, train_rows, run.dir / "family_warmup")
+                log.info("family warm-up: %s", warmup)
             dataset = SFTDataset(base_examples(train_rows, cfg, rng), processor, cfg.model.max_length)
             held_rows = ds["val"].select(sorted(select_per_family(ds["val"], cfg.world.seen_families,
                                                                   cfg.train.heldout_per_family, cfg.seed)))
@@ -100,6 +126,7 @@ def run(cfg: FireConfig) -> BaseResult:
                          heldout=heldout)
             model = result.model
             shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)  # kept only to resume a crash
+            shutil.rmtree(run.dir / "family_warmup", ignore_errors=True)
 
         eval_rows = []
         for split, fams in (("val", cfg.world.seen_families), ("test", cfg.world.seen_families),
@@ -123,6 +150,8 @@ def run(cfg: FireConfig) -> BaseResult:
                 "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
                 "heldout_loss_before": result.heldout_loss_before, "heldout_loss_after": result.heldout_loss_after,
                 "heldout_chats": len(heldout), "resumed_from": result.resumed_from})
+        if warmup is not None:
+            run.extra["family_warmup"] = warmup
         if lang is not None:
             run.extra["language_pretraining"] = {
                 "steps": len(lang.losses), "documents": lang.documents, "tokens": lang.tokens,
