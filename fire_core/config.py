@@ -231,7 +231,9 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar length: less padding for dialogues of 1-5 turns
     judgement_per_sample: int = 0  # teacher: oracle-judged dialogues per FIRE-100K sample, balanced right/wrong per turn
     judgement_warmup_steps: int = 0  # teacher: text-only steps on short judgement chats before its SFT
-    family_warmup: list[str] = field(default_factory=list)  # stage 01: families trained alone first (a curriculum)
+    # stage 01: families trained alone first (a curriculum). Measured (README, base VLM): 1,200
+    # colour steps stayed at the colour plateau (53% of val) and the mix after it ended as without it.
+    family_warmup: list[str] = field(default_factory=list)
     family_warmup_steps: int = 0  # stage 01: steps on family_warmup's QA chats (no captions, no follow-ups) before the mix
 
     def __post_init__(self) -> None:
